@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the whole test suite (unit + integration on local Ray, moto S3, GCS emulator).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export RAY_USAGE_STATS_ENABLED=0
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,96 @@
+"""The interface every dataset implements, and the per-sample seeding behind augmentation.
+
+A dataset is indexed by `index` or by `(epoch, index)` (the training samplers yield the
+latter). A training dataset augments with a torch.Generator seeded from
+(seed, epoch, index), so a sample looks the same whichever DataLoader process or Ray rank
+loads it, and a resumed run sees the augmentations the interrupted one would have seen.
+Validation datasets ignore the epoch and are deterministic.
+"""
+
+from __future__ import annotations
+
+import operator
+from abc import ABC, abstractmethod
+
+import torch
+from torch.utils.data import Dataset
+
+from .transforms import JointTransform, Sample
+
+MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, identical in every process and Python version.
+
+    Python's hash() is salted per process for strings, so it cannot be used here.
+    """
+    state = 0x243F6A8885A308D3
+    for part in parts:
+        state = _splitmix64(state ^ (operator.index(part) & MASK64))
+    return state >> 1
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed(mix_seed(seed, epoch, index))
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """(epoch, index) from a dataset key; a bare index means epoch 0."""
+    if isinstance(key, (tuple, list)):
+        epoch, index = key
+        return operator.index(epoch), operator.index(index)
+    return 0, operator.index(key)
+
+
+class SegmentationDataset(Dataset, ABC):
+    """Pairs of (image float32 [C,H,W], ImageNet-normalised; mask int64 [H,W]).
+
+    Mask values are 0..num_classes-1 or IGNORE_INDEX. Every sample of one dataset has the
+    same square size, so the default collate stacks them. Subclasses set class_names and
+    in_channels and implement load() and sample_name().
+    """
+
+    class_names: list[str]
+    in_channels: int = 3
+
+    def __init__(self, transform: JointTransform, seed: int, train: bool):
+        self.transform = transform
+        self.seed = seed
+        self.train = train  # True: augment, seeded per (seed, epoch, index)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def load(self, index: int) -> Sample:
+        """The raw sample as tv_tensors: {"image": Image (uint8 or float 0..1), "mask": Mask}."""
+
+    @abstractmethod
+    def sample_name(self, index: int) -> str:
+        """A short name for messages and reports (a file stem)."""
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = split_key(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        generator = sample_generator(self.seed, epoch, index) if self.train else None
+        sample = self.transform(self.load(index), generator)
+        image = sample["image"].as_subclass(torch.Tensor)
+        mask = sample["mask"].as_subclass(torch.Tensor).to(torch.int64)
+        return image, mask
+
+    def __repr__(self) -> str:
+        split = "train" if self.train else "val"
+        return f"{type(self).__name__}({split}, {len(self)} samples, classes={self.class_names})"

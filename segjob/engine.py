@@ -1,0 +1,368 @@
+"""One worker's training loop: set up, resume, train, evaluate, checkpoint, report.
+
+    engine.run(job, LocalSession())          # one plain process
+    engine.run(job, RaySession())            # a Ray Train worker (segjob.ray_worker)
+
+The engine never imports Ray. Every rank runs this same function; rank 0 writes and
+commits checkpoints to storage, and every rank calls `session.report` the same number
+of times. Resume takes the newest committed checkpoint in storage, restores everything
+it holds (weights, optimizer, schedule, scaler, RNG, epoch, step and the position in
+the epoch's global sample order) and carries on mid-epoch if that is where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from . import checkpoint
+from .config import JobConfig
+from .constants import IGNORE_INDEX
+from .data import build_datasets
+from .data.sampler import EvalBatchSampler, TrainBatchSampler
+from .errors import UserError
+from .losses import build_loss
+from .metrics import ConfusionMatrix
+from .models import create_model
+from .optim import Schedule, build_optimizer, current_lr
+from .session import Session
+from .storage import Storage, open_storage
+
+log = logging.getLogger("segjob")
+
+DONE_FILE = "done.json"
+
+
+@dataclasses.dataclass
+class Progress:
+    epoch: int = 0  # the epoch being trained (== epochs once finished)
+    step: int = 0  # optimizer steps so far, over the whole run
+    position: int = 0  # samples of this epoch's global order already consumed
+
+
+@dataclasses.dataclass
+class Worker:
+    """Everything one rank trains with; built once, then mutated by the loop."""
+
+    job: JobConfig
+    session: Session
+    storage: Storage
+    run_path: str
+    model: torch.nn.Module  # unwrapped: what checkpoints hold and evaluation runs
+    train_model: torch.nn.Module  # DDP-wrapped when world_size > 1
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    scaler: torch.amp.GradScaler
+    train_set: Any
+    val_set: Any
+    progress: Progress
+    history: list[dict[str, Any]]
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.session.rank == 0
+
+
+def run(job: JobConfig, session: Session) -> dict[str, Any]:
+    """Train `job` to its last epoch (or from wherever storage says it stopped)."""
+    worker = setup(job, session)
+    final_metrics: dict[str, Any] = {}
+    for epoch in range(worker.progress.epoch, job.train.epochs):
+        final_metrics = train_one_epoch(worker, epoch)
+    if worker.is_chief and worker.progress.epoch >= job.train.epochs:
+        mark_done(worker, final_metrics)
+    return final_metrics
+
+
+# --- setup ------------------------------------------------------------------------------
+
+
+def setup(job: JobConfig, session: Session) -> Worker:
+    torch.set_num_threads(job.scaling.torch_threads or max(1, int(job.scaling.cpus_per_worker)))
+    seed_everything(job.seed)
+    if job.train.amp == "fp16" and session.device.type != "cuda":
+        raise UserError("train.amp: fp16 needs a GPU; use bf16 (or off) on CPU")
+    storage = open_storage(job.storage.uri, job.storage.endpoint_url)
+    run_path = storage.path(job.name)
+    train_set, val_set = build_datasets(job.data, job.seed)
+    num_classes = len(train_set.class_names)
+
+    model = create_model(job.model, train_set.in_channels, num_classes).to(session.device)
+    optimizer = build_optimizer(job.optim, model.parameters())
+    steps_per_epoch = train_sampler(job, session, train_set, epoch=0).steps_per_epoch // job.train.grad_accum_steps
+    schedule = Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * job.train.epochs)
+    scaler = torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16")
+
+    worker = Worker(
+        job, session, storage, run_path, model, model, build_loss(job.loss, num_classes).to(session.device),
+        optimizer, schedule, scaler, train_set, val_set, Progress(), [],
+    )
+    resume(worker)
+    # DDP after loading the state: every rank starts from the same weights either way
+    if session.world_size > 1:
+        device_ids = [session.device.index] if session.device.type == "cuda" else None
+        worker.train_model = DistributedDataParallel(model, device_ids=device_ids)
+    return worker
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train_sampler(job: JobConfig, session: Session, train_set, epoch: int, start_position: int = 0) -> TrainBatchSampler:
+    accumulate = job.train.grad_accum_steps
+    max_steps = job.train.max_steps_per_epoch
+    try:
+        return TrainBatchSampler(
+            len(train_set), job.train.batch_size, session.rank, session.world_size, job.seed, epoch,
+            start_position=start_position,
+            max_steps=max_steps * accumulate if max_steps else None,
+            steps_multiple_of=accumulate,
+        )
+    except ValueError as error:
+        raise UserError(f"data: {error}") from None
+
+
+def resume(worker: Worker) -> None:
+    """Load the newest committed checkpoint of this run, if there is one."""
+    info = checkpoint.latest(worker.storage, worker.run_path)
+    if info is None:
+        return
+    loaded = checkpoint.load(worker.storage, info, expected_run=worker.job.name)
+    try:
+        worker.model.load_state_dict(loaded.model_state)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(f"{info.path}: weights don't fit this job's model ({first_line})") from None
+    state = loaded.train_state
+    worker.optimizer.load_state_dict(state["optimizer"])
+    worker.schedule.load_state_dict(state["schedule"])
+    worker.scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    worker.progress = Progress(**state["progress"])
+    worker.history = loaded.history
+    if worker.is_chief:
+        log.info("resumed %s from %s: epoch %d, step %d, %d samples into the epoch",
+                 worker.job.name, info.name, worker.progress.epoch, worker.progress.step, worker.progress.position)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
+    job, session, progress = worker.job, worker.session, worker.progress
+    sampler = train_sampler(job, session, worker.train_set, epoch, start_position=progress.position if epoch == progress.epoch else 0)
+    loader = make_loader(worker, worker.train_set, sampler)
+    progress.epoch = epoch
+    accumulate = job.train.grad_accum_steps
+    global_batch = job.train.batch_size * session.world_size
+    loss_sum = torch.zeros((), device=worker.device)
+    micro_batches = images_seen = 0
+    started = time.perf_counter()
+    worker.train_model.train()
+
+    for micro, (images, masks) in enumerate(loader, start=1):
+        images = images.to(worker.device, non_blocking=True)
+        masks = masks.to(worker.device, non_blocking=True)
+        steps_now = micro % accumulate == 0
+        sync = contextlib.nullcontext() if steps_now or session.world_size == 1 else worker.train_model.no_sync()
+        with sync:
+            with autocast(worker):
+                loss = worker.loss_fn(worker.train_model(images), masks)
+            worker.scaler.scale(loss / accumulate).backward()
+        loss_sum += loss.detach()
+        micro_batches += 1
+        images_seen += global_batch
+        progress.position += global_batch
+        if not steps_now:
+            continue
+
+        worker.scaler.step(worker.optimizer)
+        worker.scaler.update()
+        worker.optimizer.zero_grad(set_to_none=True)
+        worker.schedule.after_step()
+        progress.step += 1
+        if progress.step % job.train.log_every_steps == 0 and worker.is_chief:
+            worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler), "train/step_loss": float(loss.detach())})
+        every = job.train.checkpoint_every_steps
+        if every and progress.step % every == 0 and progress.position < sampler.epoch_samples:
+            metrics = {"epoch": epoch, "step": progress.step, "train/loss": mean_across_ranks(loss_sum, micro_batches),
+                       "lr": current_lr(worker.optimizer)}
+            loss_sum.zero_()
+            micro_batches = 0
+            save_and_report(worker, metrics, reason="steps")
+
+    train_seconds = time.perf_counter() - started
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": progress.step, "lr": current_lr(worker.optimizer)}
+    if micro_batches:
+        metrics["train/loss"] = mean_across_ranks(loss_sum, micro_batches)
+    if (epoch + 1) % job.train.eval_every_epochs == 0 or epoch + 1 == job.train.epochs:
+        metrics.update(evaluate(worker))
+        worker.schedule.after_eval(metrics)
+    worker.schedule.after_epoch()
+    metrics["train/images_per_s"] = images_seen / max(train_seconds, 1e-9)
+    progress.epoch, progress.position = epoch + 1, 0
+    save_and_report(worker, metrics, reason="epoch", final=epoch + 1 == job.train.epochs)
+    if worker.is_chief:
+        log.info(status_line(job, metrics, time.perf_counter() - started))
+    return metrics
+
+
+def autocast(worker: Worker):
+    amp = worker.job.train.amp
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(worker.device.type, dtype=dtype, enabled=amp != "off")
+
+
+def make_loader(worker: Worker, dataset, batch_sampler) -> DataLoader:
+    workers = worker.job.data.loader_workers
+    return DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=workers,
+        pin_memory=worker.device.type == "cuda", persistent_workers=False,
+        multiprocessing_context="forkserver" if workers else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(worker: Worker) -> dict[str, float]:
+    """Every validation sample exactly once across ranks; one all-reduce at the end."""
+    session = worker.session
+    num_classes = len(worker.val_set.class_names)
+    sampler = EvalBatchSampler(len(worker.val_set), worker.job.train.batch_size, session.rank, session.world_size)
+    matrix = ConfusionMatrix(num_classes, device=worker.device)
+    # loss sum, labelled pixels, samples
+    totals = torch.zeros(3, dtype=torch.float64, device=worker.device)
+    # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
+    model = worker.model
+    model.eval()
+    for images, masks in make_loader(worker, worker.val_set, sampler):
+        images = images.to(worker.device, non_blocking=True)
+        masks = masks.to(worker.device, non_blocking=True)
+        with autocast(worker):
+            logits = model(images)
+        totals[0] += F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum").double()
+        totals[1] += (masks != IGNORE_INDEX).sum()
+        totals[2] += images.shape[0]
+        matrix.update(masks, logits.argmax(dim=1))
+    model.train()
+    matrix.all_reduce()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    if int(totals[2]) != len(worker.val_set):
+        raise RuntimeError(f"evaluated {int(totals[2])} samples, the validation set has {len(worker.val_set)}")
+    metrics = matrix.summary(worker.val_set.class_names, prefix="val")
+    metrics["val/loss"] = float(totals[0] / totals[1].clamp(min=1))
+    return metrics
+
+
+def mean_across_ranks(loss_sum: torch.Tensor, count: int) -> float:
+    totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+def epoch_fraction(progress: Progress, sampler: TrainBatchSampler) -> float:
+    return round(progress.epoch + progress.position / sampler.epoch_samples, 4)
+
+
+def status_line(job: JobConfig, metrics: dict[str, Any], seconds: float) -> str:
+    parts = [f"epoch {metrics['epoch']}/{job.train.epochs}", f"step {metrics['step']}"]
+    for key in ("train/loss", "val/loss", "val/miou", "val/pixel_acc"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}")
+    parts.append(f"{metrics['train/images_per_s']:.1f} img/s")
+    parts.append(f"{seconds:.1f} s")
+    return "  ".join(parts)
+
+
+# --- checkpoints ------------------------------------------------------------------------
+
+
+def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, final: bool = False) -> None:
+    """Rank 0 writes and commits a checkpoint; then every rank reports (Ray needs all of them)."""
+    committed_path = None
+    if worker.is_chief:
+        worker.history.append({**metrics, "checkpoint": reason})
+        committed_path = commit_checkpoint(worker, metrics, reason, required=final)
+    worker.session.report(metrics, committed_path)
+
+
+def commit_checkpoint(worker: Worker, metrics: dict[str, Any], reason: str, required: bool) -> str | None:
+    job, progress = worker.job, worker.progress
+    train_state = {
+        "optimizer": worker.optimizer.state_dict(),
+        "schedule": worker.schedule.state_dict(),
+        "scaler": worker.scaler.state_dict(),
+        "rng": rng_state(),
+        "progress": dataclasses.asdict(progress),
+    }
+    with tempfile.TemporaryDirectory(prefix="segjob-save-") as tmp:
+        folder = Path(tmp)
+        checkpoint.write_local(folder, worker.model.state_dict(), train_state, worker.history)
+        meta = checkpoint.build_meta(
+            folder, job=job.model_dump(mode="json"), step=progress.step, epoch=progress.epoch, metrics=metrics, reason=reason
+        )
+        try:
+            info = checkpoint.commit(worker.storage, worker.run_path, folder, meta)
+        except Exception as error:
+            if required:
+                raise
+            # a checkpoint that failed to upload never looks committed; training goes on
+            log.warning("checkpoint at step %d NOT committed (%s: %s); the next one will try again",
+                        progress.step, type(error).__name__, error)
+            return None
+    removed = checkpoint.apply_retention(worker.storage, worker.run_path, job.storage.keep_best, job.metric.name, job.metric.mode)
+    if removed:
+        log.debug("retention removed %s", ", ".join(removed))
+    return info.path
+
+
+def mark_done(worker: Worker, metrics: dict[str, Any]) -> None:
+    """Only a run that completed all its epochs is 'finished' when submitted again."""
+    record = {"epochs": worker.job.train.epochs, "step": worker.progress.step, "metrics": metrics, "time": time.time()}
+    worker.storage.write_bytes(f"{worker.run_path}/{DONE_FILE}", json.dumps(record, indent=1, allow_nan=True).encode())
+
+
+def rng_state() -> dict[str, Any]:
+    # numpy's state as plain lists/ints: torch.load(weights_only=True) refuses numpy objects
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,144 @@
+"""Everything segjob asks of Ray Train (2.60, Train V2), in one place.
+
+The driver builds a TorchTrainer from a job (`build_trainer`); each worker runs
+`train_loop_per_worker`, which hands a `RaySession` to the Ray-free engine. segjob owns
+its checkpoints: rank 0 commits them into the run directory itself (meta.json last), and
+Ray is only told where they are (NO_UPLOAD), so Ray's results and Tune see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from . import engine
+from .config import JobConfig
+from .errors import UserError, setup_logging
+from .storage import Storage, worker_env_vars
+
+log = logging.getLogger("segjob")
+
+# Survivors of a lost peer must fail fast rather than wait in a collective forever.
+COLLECTIVE_TIMEOUT_S = 600
+# Ray Train V2's bookkeeping of reported checkpoints, in the run folder
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+
+
+class RaySession:
+    """The engine's session on a Ray Train worker."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        storage = context.get_storage()
+        # Ray accepts a checkpoint it does not upload only on its own filesystem object, inside the run folder
+        self._filesystem = storage.storage_filesystem
+
+    def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
+        checkpoint = Checkpoint(path=checkpoint_path, filesystem=self._filesystem) if checkpoint_path else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    setup_logging()
+    job = JobConfig.model_validate(config["job"])
+    engine.run(job, RaySession())
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (or `ray job submit`'s), else start a local one."""
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env_vars()}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+
+
+def resolve_use_gpu(job: JobConfig) -> bool:
+    if job.scaling.use_gpu != "auto":
+        return bool(job.scaling.use_gpu)
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def check_fits_local_cluster(job: JobConfig, use_gpu: bool) -> None:
+    """A local cluster never grows: say so now instead of waiting forever for resources."""
+    if os.environ.get("RAY_ADDRESS"):
+        return  # a real cluster may autoscale
+    have = ray.cluster_resources().get("CPU", 0)
+    need = job.scaling.num_workers * job.scaling.cpus_per_worker
+    if need > have:
+        raise UserError(
+            f"scaling: {job.scaling.num_workers} workers x {job.scaling.cpus_per_worker} CPUs need {need:g} CPUs, "
+            f"this local Ray has {have:g}; lower scaling.num_workers or scaling.cpus_per_worker"
+        )
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < job.scaling.num_workers:
+        raise UserError(f"scaling.use_gpu: {job.scaling.num_workers} workers need as many GPUs; this machine has fewer")
+
+
+def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool) -> TorchTrainer:
+    if job.train.amp == "fp16" and not use_gpu:
+        raise UserError("train.amp: fp16 needs GPU workers; use bf16 (or off) on CPU")
+    resources = {"CPU": job.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"job": job.model_dump(mode="json")},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
+        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=storage.root,
+            storage_filesystem=storage.pyarrow_fs(),
+            failure_config=FailureConfig(max_failures=job.failure.max_failures),
+        ),
+    )
+
+
+def forget_ray_snapshot(storage: Storage, run_path: str) -> None:
+    """Drop Ray's record of reported checkpoints before a new driver starts on this run.
+
+    Ray refuses to start when its snapshot names a checkpoint that is gone, and segjob's
+    retention deletes checkpoints Ray was told about. Resume never reads Ray's record
+    (it takes the newest committed checkpoint in storage), so nothing is lost.
+    """
+    storage.rm(f"{run_path}/{RAY_SNAPSHOT_FILE}")
+
+
+def fit(trainer: TorchTrainer) -> None:
+    """Run the trainer; a user error raised on a worker comes back as one UserError line."""
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        user_error = _find_user_error(error)
+        if user_error:
+            raise UserError(user_error) from None
+        raise
+
+
+def _find_user_error(error: BaseException) -> str | None:
+    failures = list(getattr(error, "worker_failures", {}).values())
+    for failure in [error, *failures]:
+        seen = set()
+        while failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            if isinstance(failure, UserError):
+                return str(failure)
+            # Ray re-raises worker errors as generated subclasses; look for ours by name
+            for line in str(failure).splitlines():
+                if "segjob.errors.UserError:" in line:
+                    return line.split("segjob.errors.UserError:", 1)[1].strip()
+            failure = failure.__cause__ or failure.__context__
+    return None
+

@@ -1,0 +1,460 @@
+"""Where runs live: a local folder, S3 or GCS, behind one small fsspec-based interface.
+
+    storage = open_storage("s3://bucket/runs", endpoint_url=None)
+    storage.check()                                  # one clear UserError if unusable
+    storage.put_folder("/tmp/ckpt", storage.path("run", "checkpoint_000003"), files)
+    storage.get_folder(storage.path("run", "checkpoint_000003"), "./best")
+
+A Storage is rebuilt from (uri, endpoint_url) wherever it is needed (a Ray worker
+included; pickling does exactly that), so no filesystem object or credential travels
+between processes. Credentials come from the usual provider chains and are never
+printed or logged. Transient errors are retried with backoff (`retry`); single objects
+are written whole, and folders are downloaded into a temporary sibling and renamed, so
+readers never see half a file or half a folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+from urllib.parse import urlsplit
+
+import fsspec
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# check() must answer quickly even when the endpoint swallows packets.
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0
+CHECK_TIMEOUT_S = 12.0
+
+# Environment a Ray worker needs to reach the same storage: endpoints and switches, never secrets.
+WORKER_ENV_VARS = (
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+    "STORAGE_EMULATOR_HOST",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+
+
+def worker_env_vars() -> dict[str, str]:
+    """The non-secret storage settings of this process, for runtime_env={"env_vars": ...}."""
+    return {name: os.environ[name] for name in WORKER_ENV_VARS if name in os.environ}
+
+
+# --- opening ----------------------------------------------------------------------------
+
+
+def open_storage(uri: str, endpoint_url: str | None = None) -> "Storage":
+    """A Storage for ./runs, /abs/path, file:///abs/path, s3://bucket/prefix or gs://bucket/prefix."""
+    scheme, _, rest = uri.partition("://") if "://" in uri else ("", "", uri)
+    if scheme in ("", "file"):
+        root = str(Path(rest or ".").expanduser().resolve())
+        return Storage(root, fsspec.filesystem("file"), root, is_local=True)
+    if scheme not in ("s3", "gs", "gcs"):
+        raise UserError(f"{uri}: unsupported storage scheme '{scheme}://'; use a local path, file://, s3:// or gs://")
+    root = rest.rstrip("/")
+    if not root or root.startswith(("/", ".")):
+        raise UserError(f"{uri}: no bucket name; expected {scheme}://bucket/prefix")
+    if scheme == "s3":
+        endpoint = _endpoint(endpoint_url, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        fs = _s3_filesystem(endpoint)
+        return Storage(f"s3://{root}", fs, root, is_local=False, endpoint_url=endpoint)
+    endpoint = _endpoint(endpoint_url, "STORAGE_EMULATOR_HOST")
+    fs = _gcs_filesystem(endpoint)
+    return Storage(f"gs://{root}", fs, root, is_local=False, endpoint_url=endpoint)
+
+
+def _endpoint(explicit: str | None, *env_names: str) -> str | None:
+    for value in (explicit, *(os.environ.get(name) for name in env_names)):
+        if value:
+            # Emulator hosts are often given as host:port.
+            return value if "://" in value else f"http://{value}"
+    return None
+
+
+def _s3_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
+    import s3fs  # lazily: local runs never pay for boto
+
+    return s3fs.S3FileSystem(
+        endpoint_url=endpoint,
+        # A fresh instance per Storage: fsspec would otherwise hand back a cached one
+        # created for another endpoint or in another process.
+        skip_instance_cache=True,
+        # Other processes write the same prefixes: never answer from a stale listing.
+        use_listings_cache=False,
+        config_kwargs={
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
+    )
+
+
+def _gcs_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
+    # Without this, gcsfs probes a gRPC control API on every open() and hangs for
+    # minutes against an emulator. It must be set before gcsfs is first imported.
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    import aiohttp
+    import gcsfs
+    import gcsfs.core
+
+    # gcsfs picks its class at import time; if something imported it before the flag was
+    # set, still honour the flag as it is now.
+    experimental = os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() in ("true", "1")
+    cls = gcsfs.GCSFileSystem if experimental else gcsfs.core.GCSFileSystem
+    options: dict[str, Any] = {}
+    if endpoint:  # an emulator: no Google credentials to find
+        options = {"token": "anon", "project": os.environ.get("GOOGLE_CLOUD_PROJECT", "segjob")}
+    return cls(
+        endpoint_url=endpoint,
+        skip_instance_cache=True,
+        use_listings_cache=False,
+        requests_timeout=aiohttp.ClientTimeout(sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S),
+        **options,
+    )
+
+
+# --- the storage ------------------------------------------------------------------------
+
+
+class Storage:
+    """One storage root. Paths passed to methods are paths on `fs` (see `path()`)."""
+
+    def __init__(self, uri: str, fs: fsspec.AbstractFileSystem, root: str, is_local: bool, endpoint_url: str | None = None):
+        self.uri = uri
+        self.fs = fs
+        self.root = root
+        self.is_local = is_local
+        self.endpoint_url = endpoint_url
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def __reduce__(self):
+        # Rebuild on the other side instead of shipping a filesystem (and its credentials).
+        return open_storage, (self.uri, self.endpoint_url)
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *(part.strip("/") for part in parts if part)])
+
+    def exists(self, path: str) -> bool:
+        return retry(self.fs.exists, path, what=f"exists {path}")
+
+    def list_dirs(self, path: str) -> list[str]:
+        try:
+            entries = retry(self.fs.ls, path, detail=True, what=f"list {path}")
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        names = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"}
+        names.discard("")
+        return sorted(names)
+
+    def read_bytes(self, path: str) -> bytes:
+        return retry(self.fs.cat_file, path, what=f"read {path}")
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        if self.is_local:
+            _atomic_local_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        else:
+            retry(self.fs.pipe_file, path, data, what=f"write {path}")
+
+    def put_file(self, local_path: str | os.PathLike, path: str) -> None:
+        if self.is_local:
+            _atomic_local_write(path, lambda tmp: shutil.copyfile(local_path, tmp))
+        else:
+            retry(self.fs.put_file, os.fspath(local_path), path, what=f"upload {path}")
+
+    def put_folder(self, local_dir: str | os.PathLike, path: str, files: list[str]) -> None:
+        """Upload the given relative file names in that order (callers put a marker last)."""
+        for name in files:
+            _check_relative_key(name, path)
+            self.put_file(os.path.join(local_dir, name), f"{path.rstrip('/')}/{name}")
+
+    def get_folder(self, path: str, local_dir: str | os.PathLike) -> None:
+        """Download every file under path so that local_dir holds exactly those files.
+
+        The files land in a temporary sibling first and are renamed into place, so a
+        failed download leaves local_dir as it was. An existing local_dir is replaced.
+        Raises FileNotFoundError when nothing is stored under path."""
+        prefix = path.rstrip("/") + "/"
+        found = retry(self.fs.find, path, what=f"list {path}")
+        keys = sorted(name[len(prefix):] for name in found if name.startswith(prefix) and not name.endswith("/"))
+        if not keys:
+            raise FileNotFoundError(f"{path}: no files stored there")
+        for key in keys:  # refuse before writing anything
+            _check_relative_key(key, path)
+
+        dest = Path(local_dir).absolute()
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
+        try:
+            for key in keys:
+                target = partial.joinpath(*key.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                retry(self.fs.get_file, prefix + key, str(target), what=f"download {prefix + key}")
+            _replace_dir(partial, dest)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def rm(self, path: str) -> None:
+        try:
+            retry(self.fs.rm, path, recursive=True, what=f"remove {path}")
+        except FileNotFoundError:
+            pass
+
+    def check(self) -> None:
+        """Raise one UserError line when this storage can't be used; create a local root."""
+        if self.is_local:
+            _check_local_root(self.root)
+        else:
+            self._check_bucket()
+
+    def pyarrow_fs(self):
+        """The filesystem Ray's RunConfig(storage_filesystem=...) takes; use `root` as storage_path."""
+        import pyarrow.fs
+
+        if self.is_local:
+            return pyarrow.fs.LocalFileSystem()
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
+
+    # --- check() for buckets ------------------------------------------------------------
+
+    @property
+    def bucket(self) -> str:
+        return self.root.split("/", 1)[0]
+
+    def _where(self) -> str:
+        if self.endpoint_url:
+            return f" at {_without_userinfo(self.endpoint_url)}"
+        return ""
+
+    def _check_bucket(self) -> None:
+        where = self._where()
+        fix_endpoint = "storage.endpoint_url (or AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST)"
+        if self.endpoint_url:
+            reason = _tcp_unreachable(self.endpoint_url)
+            if reason:
+                raise UserError(f"{self.uri}: cannot reach the storage endpoint{where} ({reason}); start it or fix {fix_endpoint}")
+        try:
+            _within(CHECK_TIMEOUT_S, self._probe_bucket)
+        except FileNotFoundError:
+            raise UserError(f"{self.uri}: bucket '{self.bucket}' does not exist{where}; create it or fix storage.uri") from None
+        except TimeoutError:
+            raise UserError(
+                f"{self.uri}: no answer from the storage endpoint{where} within {CHECK_TIMEOUT_S:.0f} s; "
+                f"check the network or {fix_endpoint}"
+            ) from None
+        except Exception as error:  # noqa: BLE001 - every failure becomes one line
+            if _is_denied(error):
+                raise UserError(
+                    f"{self.uri}: access to bucket '{self.bucket}' denied{where} ({_one_line(error)}); "
+                    "check the credentials and the bucket's permissions"
+                ) from None
+            if type(error).__name__ == "NoCredentialsError":
+                raise UserError(
+                    f"{self.uri}: no credentials found for S3; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+                ) from None
+            raise UserError(
+                f"{self.uri}: cannot use bucket '{self.bucket}'{where} ({type(error).__name__}: {_one_line(error)}); "
+                f"check {fix_endpoint}, the network and the credentials"
+            ) from None
+
+    def _probe_bucket(self) -> None:
+        if self.uri.startswith("s3://"):
+            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+        else:
+            self.fs.call("GET", "b/{}", self.bucket, json_out=True)
+
+
+# --- retries ----------------------------------------------------------------------------
+
+# OSErrors that say something definite about the request, not about the network.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY, errno.EMSGSIZE}
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestLimitExceeded", "InternalError", "ServiceUnavailable"}
+
+
+def retry(fn: Callable[..., T], *args: Any, attempts: int = 5, base_delay: float = 0.2, what: str = "", **kwargs: Any) -> T:
+    """Call fn(*args, **kwargs), retrying transient storage errors with exponential backoff
+    and jitter; other errors, and the last transient one, propagate unchanged."""
+    what = what or getattr(fn, "__name__", "storage call")
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if attempt == attempts or not is_transient(error):
+                raise
+            delay = min(base_delay * 2 ** (attempt - 1), 10.0) * random.uniform(0.5, 1.5)
+            logger.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1f s",
+                what, type(error).__name__, _one_line(error), attempt, attempts - 1, delay,
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying the same request may succeed (network, timeouts, throttling, 5xx)."""
+    if isinstance(error, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(error, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if isinstance(error, _optional_transient_types()):
+        return True
+    status, code = _status_of(error)
+    if status is not None or code is not None:
+        return status in _TRANSIENT_STATUS or (status is not None and status >= 500) or code in _TRANSIENT_CODES
+    if isinstance(error, OSError):
+        return error.errno not in _PERMANENT_ERRNOS
+    return False
+
+
+def _optional_transient_types() -> tuple[type, ...]:
+    """Transient error classes of the client libraries already imported (never imports them)."""
+    types: list[type] = []
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        types += [botocore.ConnectionError, botocore.HTTPClientError]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError]
+    google_auth = sys.modules.get("google.auth.exceptions")
+    if google_auth is not None:
+        types.append(google_auth.TransportError)
+    gcsfs_retry = sys.modules.get("gcsfs.retry")
+    if gcsfs_retry is not None:
+        types.append(gcsfs_retry.ChecksumError)
+    return tuple(types)
+
+
+def _status_of(error: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, service error code) of botocore, gcsfs, aiohttp and google-api errors."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status, response.get("Error", {}).get("Code")
+    for attribute in ("status", "code"):  # aiohttp ClientResponseError; gcsfs HttpError, google-api
+        value = getattr(error, attribute, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value, None
+    return None, None
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _check_relative_key(key: str, folder: str) -> None:
+    """Refuse a key that would land outside the destination folder."""
+    parts = key.split("/")
+    if key.startswith("/") or "\\" in key or any(part in ("", ".", "..") for part in parts):
+        raise UserError(f"{folder}: refusing unsafe key '{key}' (absolute, '..', '.' or empty parts)")
+
+
+def _atomic_local_write(path: str, write: Callable[[str], Any]) -> None:
+    """Write a local file through a temporary sibling, so readers see old or new, never half."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """Rename new onto dest; an existing dest is moved aside first and removed after."""
+    if not os.path.lexists(dest):
+        os.rename(new, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, old)
+    os.rename(new, dest)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def _check_local_root(root: str) -> None:
+    try:
+        os.makedirs(root, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{root}: exists and is not a folder; choose another storage.uri") from None
+    except OSError as error:
+        raise UserError(f"{root}: cannot create the storage folder ({error.strerror}); choose another storage.uri") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise UserError(f"{root}: the storage folder is not writable; fix its permissions or choose another storage.uri")
+
+
+def _tcp_unreachable(url: str) -> str | None:
+    """Why nothing accepts connections at url's host:port, or None when something does."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        return _one_line(error) or type(error).__name__
+    return None
+
+
+def _within(seconds: float, fn: Callable[[], T]) -> T:
+    """fn() in a daemon thread; TimeoutError when it hasn't finished after seconds (it may
+    still be retrying inside a client library, but the caller moves on)."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="segjob-storage-check", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _is_denied(error: BaseException) -> bool:
+    status, code = _status_of(error)
+    return (
+        isinstance(error, PermissionError)
+        or status in (401, 403)
+        or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "401")
+        or str(error).startswith("Forbidden")
+    )
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,102 @@
+"""Train one model as a Ray Train job; run the same command again to resume it.
+
+    python -m segjob.train jobs/quickstart.yaml
+    python -m segjob.train jobs/pets_unet.yaml --set data.root=/data/pets --set train.epochs=3
+    ray job submit --working-dir . -- python -m segjob.train jobs/pets_unet.yaml
+
+Everything a user can get wrong (the job file, the storage, the dataset path) is checked
+here, on the driver, before Ray starts a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from . import checkpoint
+from .config import JobConfig, load_job, resolve_local_paths
+from .data import build_datasets
+from .engine import DONE_FILE
+from .errors import exits_cleanly_on_user_error, setup_logging
+from .storage import Storage, open_storage
+
+log = logging.getLogger("segjob")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m segjob.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job key, e.g. --set train.epochs=3 (repeatable)")
+    return parser.parse_args(argv)
+
+
+def prepare(job: JobConfig) -> tuple[Storage, str]:
+    """Check storage and data, clean orphaned uploads, and say whether this starts or resumes."""
+    storage = open_storage(job.storage.uri, job.storage.endpoint_url)
+    storage.check()
+    build_datasets(job.data, job.seed)  # finds a missing dataset folder before any worker starts
+    run_path = storage.path(job.name)
+    orphans = checkpoint.remove_uncommitted(storage, run_path)
+    if orphans:
+        log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
+    return storage, run_path
+
+
+def finished(storage: Storage, run_path: str, job: JobConfig) -> dict | None:
+    try:
+        done = json.loads(storage.read_bytes(f"{run_path}/{DONE_FILE}"))
+    except FileNotFoundError:
+        return None
+    return done if done.get("epochs", 0) >= job.train.epochs else None
+
+
+def announce(storage: Storage, run_path: str, job: JobConfig) -> None:
+    latest = checkpoint.latest(storage, run_path)
+    where = f"{storage.uri.rstrip('/')}/{job.name}"
+    if latest is None:
+        log.info("starting run '%s' in %s", job.name, where)
+    else:
+        log.info("resuming run '%s' from %s (epoch %d of %d, step %d) in %s",
+                 job.name, latest.name, latest.epoch, job.train.epochs, latest.step, where)
+
+
+def summarize(storage: Storage, run_path: str, job: JobConfig) -> None:
+    committed = checkpoint.list_committed(storage, run_path)
+    best = checkpoint.select_best(committed, job.metric.name, job.metric.mode)
+    if best:
+        value = checkpoint.metric_value(best[0], job.metric.name)
+        log.info("best checkpoint by %s (%s): %s = %.4f at epoch %d -> %s",
+                 job.metric.name, job.metric.mode, best[0].name, value, best[0].epoch, best[0].path)
+
+
+@exits_cleanly_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    job = resolve_local_paths(load_job(args.job, args.overrides))
+    storage, run_path = prepare(job)
+    done = finished(storage, run_path, job)
+    if done:
+        log.info("run '%s' already finished (%d epochs, step %d); raise train.epochs to train on",
+                 job.name, done["epochs"], done["step"])
+        return 0
+    announce(storage, run_path, job)
+
+    from . import ray_worker  # Ray is imported only once the job is known to be valid
+
+    started = time.perf_counter()
+    ray_worker.connect()
+    use_gpu = ray_worker.resolve_use_gpu(job)
+    ray_worker.check_fits_local_cluster(job, use_gpu)
+    ray_worker.forget_ray_snapshot(storage, run_path)
+    ray_worker.fit(ray_worker.build_trainer(job, storage, use_gpu))
+    log.info("run '%s' finished in %.0f s", job.name, time.perf_counter() - started)
+    summarize(storage, run_path, job)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Shared fixtures: local S3 (moto) and GCS (gcp-storage-emulator) servers on 127.0.0.1.
+
+Servers start only when a test asks for them, once per session; every test that needs a
+bucket gets a fresh one, so tests never see each other's objects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+
+from servers import create_gcs_bucket, create_s3_bucket, start_gcs_emulator, start_moto
+
+_bucket_numbers = itertools.count(1)
+# Unique across concurrent sessions against the same server too (e.g. a moto process).
+_session_tag = os.urandom(3).hex()
+
+
+def _unique_bucket_name() -> str:
+    return f"segjob-test-{_session_tag}-{next(_bucket_numbers)}"
+
+
+@pytest.fixture(scope="session")
+def session_env():
+    """A monkeypatch for os.environ that lasts the whole session, undone at its end."""
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_and_isolated_env(session_env):
+    session_env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    session_env.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(session_env, tmp_path_factory) -> str:
+    """URL of a moto S3 server on 127.0.0.1, with dummy credentials in the environment."""
+    aws_home = tmp_path_factory.mktemp("aws")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        session_env.delenv(name, raising=False)
+    session_env.setenv("AWS_ACCESS_KEY_ID", "testing")
+    session_env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    session_env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # Keep the developer's ~/.aws (profiles, endpoints, regions) out of the tests.
+    session_env.setenv("AWS_CONFIG_FILE", str(aws_home / "config"))
+    session_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_home / "credentials"))
+    url, server = start_moto()
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket on the moto server."""
+    name = _unique_bucket_name()
+    create_s3_bucket(s3_endpoint, name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def gcs_endpoint(session_env) -> str:
+    """URL of a gcp-storage-emulator on 127.0.0.1, also in STORAGE_EMULATOR_HOST."""
+    # gcsfs hangs on every open() against an emulator unless this is off before import.
+    session_env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    url, server = start_gcs_emulator()
+    session_env.setenv("STORAGE_EMULATOR_HOST", url)
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint) -> str:
+    """A fresh, empty bucket on the GCS emulator."""
+    name = _unique_bucket_name()
+    create_gcs_bucket(gcs_endpoint, name)
+    return name

@@ -1,0 +1,139 @@
+"""Local object-storage servers for tests, always bound to 127.0.0.1.
+
+- `start_moto()`: moto's S3 server in a thread of this process (dies with it).
+- `start_moto_process()`: the same server as a separate process, for tests that kill
+  the driver and need the bucket to survive it.
+- `start_gcs_emulator()`: gcp-storage-emulator in a thread, in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing answers (connection refused)."""
+    return f"http://{HOST}:{free_port()}"
+
+
+def wait_until_answers(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    """Poll url until any HTTP answer comes back (an error status counts as an answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
+            time.sleep(0.1)
+
+
+# --- S3 (moto) --------------------------------------------------------------------------
+
+
+def start_moto():
+    """moto's S3 server in a background thread; returns (url, server). Call server.stop()."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address=HOST, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return f"http://{host}:{port}", server
+
+
+def start_moto_process(port: int | None = None, timeout: float = 30.0) -> tuple[str, subprocess.Popen]:
+    """moto's S3 server as its own process (own session, so killing the test's process
+    group leaves it alone); returns (url, popen). Stop it with stop_process(popen)."""
+    port = port or free_port()
+    url = f"http://{HOST}:{port}"
+    binary = Path(sys.executable).with_name("moto_server")
+    process = subprocess.Popen(
+        [str(binary), "-H", HOST, "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until_answers(f"{url}/moto-api/", timeout=timeout, process=process)
+    except BaseException:
+        stop_process(process)
+        raise
+    return url, process
+
+
+def stop_process(process: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after grace seconds; only this process (not a group)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def reset_moto(url: str) -> None:
+    """Forget every bucket on a moto server."""
+    urllib.request.urlopen(urllib.request.Request(f"{url}/moto-api/reset", method="POST"), timeout=10).close()
+
+
+def create_s3_bucket(url: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=url, region_name=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    client.create_bucket(Bucket=name)
+
+
+# --- GCS (gcp-storage-emulator) ---------------------------------------------------------
+
+
+def start_gcs_emulator(default_bucket: str | None = None):
+    """gcp-storage-emulator in a background thread, in memory; returns (url, server).
+    Call server.stop(). Clients find it through STORAGE_EMULATOR_HOST=url."""
+    from gcp_storage_emulator.server import create_server
+
+    port = free_port()
+    server = create_server(HOST, port, in_memory=True, default_bucket=default_bucket)
+    # Its API thread is not a daemon: a test run that forgets stop() would never exit.
+    server._api.daemon = True
+    server.start()
+    url = f"http://{HOST}:{port}"
+    wait_until_answers(url + "/", timeout=10)
+    return url, server
+
+
+def create_gcs_bucket(url: str, name: str) -> None:
+    """Create a bucket through the emulator's JSON API (no gcsfs needed)."""
+    request = urllib.request.Request(
+        f"{url}/storage/v1/b?project=segjob",
+        data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).close()

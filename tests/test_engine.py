@@ -1,0 +1,100 @@
+"""The engine in one plain process (no Ray): it trains, checkpoints, and resumes exactly."""
+
+import json
+
+import pytest
+import torch
+
+from segjob import checkpoint, engine
+from segjob.config import JobConfig
+from segjob.session import LocalSession
+from segjob.storage import open_storage
+
+
+def tiny_job(storage_uri: str, **train) -> JobConfig:
+    return JobConfig.model_validate({
+        "name": "tiny",
+        "seed": 3,
+        "data": {"name": "synthetic", "num_classes": 3, "train_samples": 48, "val_samples": 10, "image_size": 32},
+        "model": {"name": "unet", "base_channels": 4, "depth": 2},
+        "optim": {"name": "adam", "lr": 0.01, "schedule": {"name": "poly"}},
+        "train": {"epochs": 2, "batch_size": 8, "checkpoint_every_steps": 4, "log_every_steps": 1} | train,
+        "scaling": {"num_workers": 1, "torch_threads": 1},
+        "storage": {"uri": storage_uri, "keep_best": 1},
+    })
+
+
+class CrashAfter(LocalSession):
+    """A session whose process 'dies' right after the n-th report (its checkpoint is committed)."""
+
+    def __init__(self, reports: int):
+        super().__init__("cpu")
+        self.remaining = reports
+
+    def report(self, metrics, checkpoint_path):
+        super().report(metrics, checkpoint_path)
+        self.remaining -= 1
+        if self.remaining == 0:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def final_weights(storage_uri: str) -> dict[str, torch.Tensor]:
+    storage = open_storage(storage_uri)
+    return checkpoint.load(storage, checkpoint.latest(storage, storage.path("tiny"))).model_state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One uninterrupted run shared by the tests below."""
+    uri = str(tmp_path_factory.mktemp("reference"))
+    session = LocalSession("cpu")
+    metrics = engine.run(tiny_job(uri), session)
+    return uri, session, metrics
+
+
+def test_a_run_reports_flat_metrics_and_commits_checkpoints(reference):
+    uri, session, metrics = reference
+    steps_per_epoch = 48 // 8
+    assert metrics["epoch"] == 2 and metrics["step"] == 2 * steps_per_epoch
+    for key in ("train/loss", "val/loss", "val/miou", "val/pixel_acc", "val/iou/background", "lr"):
+        assert isinstance(metrics[key], float), key
+    # one report per mid-epoch checkpoint (step 4) and one per epoch end, each with a committed folder
+    assert [m["step"] for m, _ in session.reports] == [4, 6, 8, 12]
+    assert all(path for _, path in session.reports)
+    storage = open_storage(uri)
+    done = json.loads(storage.read_bytes(storage.path("tiny", engine.DONE_FILE)))
+    assert done["epochs"] == 2 and done["step"] == 12
+    # retention: best 1 by val/miou plus the newest
+    assert 1 <= len(checkpoint.list_committed(storage, storage.path("tiny"))) <= 2
+
+
+def test_resume_mid_epoch_ends_with_identical_weights_and_history(reference, tmp_path):
+    reference_uri, reference_session, _ = reference
+    uri = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(tiny_job(uri), CrashAfter(reports=3))  # dies after step 8, mid-epoch 2
+    resumed = LocalSession("cpu")
+    engine.run(tiny_job(uri), resumed)
+    assert [m["step"] for m, _ in resumed.reports] == [12], "finished steps are not repeated"
+
+    expected, actual = final_weights(reference_uri), final_weights(uri)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name  # bit-identical on CPU
+
+    storage, reference_storage = open_storage(uri), open_storage(reference_uri)
+    history = checkpoint.load(storage, checkpoint.latest(storage, storage.path("tiny"))).history
+    reference_history = checkpoint.load(
+        reference_storage, checkpoint.latest(reference_storage, reference_storage.path("tiny"))
+    ).history
+    strip = lambda records: [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in records]
+    assert strip(history) == strip(reference_history)
+    steps = [r["step"] for r in history if "train/step_loss" in r]
+    assert steps == list(range(1, 13)), "no duplicated or missing steps in the history"
+
+
+def test_a_finished_run_trains_no_further(reference):
+    uri, _, _ = reference
+    session = LocalSession("cpu")
+    engine.run(tiny_job(uri), session)
+    assert session.reports == []

@@ -1,0 +1,90 @@
+"""`python -m segjob.train` on a real local Ray (2 CPUs, gloo) with storage on a moto S3 server.
+
+One Ray instance serves the whole module; every trainer run costs ~10-20 s here.
+"""
+
+import json
+import logging
+
+import pytest
+
+from segjob import checkpoint, engine
+from segjob.config import load_job
+from segjob.session import LocalSession
+from segjob.storage import open_storage
+from segjob.train import main
+
+pytestmark = pytest.mark.ray
+
+SMALL = [
+    "data.train_samples=64", "data.val_samples=16", "data.image_size=32",
+    "model.base_channels=8", "model.depth=2",
+    "train.batch_size=8", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_instance(s3_endpoint):
+    # after s3_endpoint: the raylet (and so every worker) inherits its dummy credentials
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def train(*overrides: str) -> int:
+    return main(["jobs/quickstart.yaml", *[arg for o in [*SMALL, *overrides] for arg in ("--set", o)]])
+
+
+def test_quickstart_on_s3_commits_resumes_and_finishes(ray_instance, s3_endpoint, s3_bucket, caplog):
+    caplog.set_level(logging.INFO, logger="segjob")
+    storage_args = [f"storage.uri=s3://{s3_bucket}/runs", f"storage.endpoint_url={s3_endpoint}"]
+    assert train(*storage_args, "train.epochs=1") == 0
+
+    storage = open_storage(f"s3://{s3_bucket}/runs", endpoint_url=s3_endpoint)
+    run_path = storage.path("quickstart")
+    committed = checkpoint.list_committed(storage, run_path)
+    assert committed and committed[-1].epoch == 1
+    for info in committed:  # every committed folder is complete and verifies
+        assert storage.exists(f"{info.path}/{checkpoint.META_FILE}")
+        checkpoint.load(storage, info, expected_run="quickstart")
+    assert "starting run 'quickstart'" in caplog.text
+
+    caplog.clear()
+    assert train(*storage_args, "train.epochs=2") == 0  # the same command, one more epoch: resumes
+    assert "resuming run 'quickstart' from step-" in caplog.text
+    final = checkpoint.latest(storage, run_path)
+    loaded = checkpoint.load(storage, final)
+    epoch_ends = [r["epoch"] for r in loaded.history if r.get("checkpoint") == "epoch"]
+    assert epoch_ends == [1, 2], "epoch 1 was not trained again"
+    steps = [r["step"] for r in loaded.history if "train/step_loss" in r]
+    assert steps == list(range(1, final.step + 1))
+    assert json.loads(storage.read_bytes(f"{run_path}/{engine.DONE_FILE}"))["epochs"] == 2
+
+    caplog.clear()
+    assert train(*storage_args, "train.epochs=2") == 0
+    assert "already finished" in caplog.text
+    assert checkpoint.latest(storage, run_path).step == final.step
+
+
+def test_engine_without_ray_matches_one_ray_worker(ray_instance, tmp_path):
+    common = [*SMALL, "train.epochs=1", "train.max_steps_per_epoch=2", "scaling.num_workers=1", "scaling.torch_threads=1"]
+    assert train(*common[len(SMALL):], f"storage.uri={tmp_path / 'ray'}") == 0
+    job = load_job("jobs/quickstart.yaml", [*common, f"storage.uri={tmp_path / 'local'}"])
+    engine.run(job, LocalSession("cpu"))
+
+    def first_loss(uri):
+        storage = open_storage(uri)
+        history = checkpoint.load(storage, checkpoint.latest(storage, storage.path("quickstart"))).history
+        return next(r["train/step_loss"] for r in history if r["step"] == 1 and "train/step_loss" in r)
+
+    assert first_loss(str(tmp_path / "ray")) == pytest.approx(first_loss(str(tmp_path / "local")), rel=1e-6)
+
+
+def test_a_missing_dataset_stops_the_driver_with_one_line(tmp_path, capsys):
+    job = tmp_path / "pets.yaml"
+    job.write_text(f"name: pets\ndata: {{name: pets, root: {tmp_path / 'missing'}}}\nstorage: {{uri: {tmp_path}}}\n")
+    code = main([str(job)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "missing") in err
