@@ -29,5 +29,25 @@ def exits_cleanly_on_user_error(main: Callable[..., int | None]) -> Callable[...
     return wrapper
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (test capture, Ray's log redirection)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """segjob's own lines on stderr. Its own handler: Ray workers have configured the root logger already."""
+    logger = logging.getLogger("segjob")
+    if not any(getattr(handler, "segjob", False) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s segjob: %(message)s", datefmt="%H:%M:%S"))
+        handler.segjob = True
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

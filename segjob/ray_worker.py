@@ -50,6 +50,8 @@ class RaySession:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup_logging()
+    # Ray logs every report of every rank at INFO; segjob prints one status line per epoch instead
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     job = JobConfig.model_validate(config["job"])
     engine.run(job, RaySession())
 

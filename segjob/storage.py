@@ -62,14 +62,16 @@ def worker_env_vars() -> dict[str, str]:
 # --- opening ----------------------------------------------------------------------------
 
 
-def open_storage(uri: str, endpoint_url: str | None = None) -> "Storage":
+def open_storage(uri: str, endpoint_url: str | None = None) -> Storage:
     """A Storage for ./runs, /abs/path, file:///abs/path, s3://bucket/prefix or gs://bucket/prefix."""
     scheme, _, rest = uri.partition("://") if "://" in uri else ("", "", uri)
     if scheme in ("", "file"):
         root = str(Path(rest or ".").expanduser().resolve())
         return Storage(root, fsspec.filesystem("file"), root, is_local=True)
     if scheme not in ("s3", "gs", "gcs"):
-        raise UserError(f"{uri}: unsupported storage scheme '{scheme}://'; use a local path, file://, s3:// or gs://")
+        raise UserError(
+            f"{uri}: unsupported storage scheme '{scheme}://'; use a local path, file://, s3:// or gs://"
+        )
     root = rest.rstrip("/")
     if not root or root.startswith(("/", ".")):
         raise UserError(f"{uri}: no bucket name; expected {scheme}://bucket/prefix")
@@ -138,7 +140,9 @@ def _gcs_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
 class Storage:
     """One storage root. Paths passed to methods are paths on `fs` (see `path()`)."""
 
-    def __init__(self, uri: str, fs: fsspec.AbstractFileSystem, root: str, is_local: bool, endpoint_url: str | None = None):
+    def __init__(
+        self, uri: str, fs: fsspec.AbstractFileSystem, root: str, is_local: bool, endpoint_url: str | None = None
+    ):
         self.uri = uri
         self.fs = fs
         self.root = root
@@ -163,7 +167,14 @@ class Storage:
             entries = retry(self.fs.ls, path, detail=True, what=f"list {path}")
         except (FileNotFoundError, NotADirectoryError):
             return []
-        names = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry["type"] == "directory"}
+        # A "folder/" placeholder object (made by consoles and some tools) shows up as the
+        # listed folder itself on GCS: skip it.
+        itself = self.fs._strip_protocol(path).rstrip("/")
+        names = {
+            entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            for entry in entries
+            if entry["type"] == "directory" and entry["name"].rstrip("/") != itself
+        }
         names.discard("")
         return sorted(names)
 
@@ -252,11 +263,15 @@ class Storage:
         if self.endpoint_url:
             reason = _tcp_unreachable(self.endpoint_url)
             if reason:
-                raise UserError(f"{self.uri}: cannot reach the storage endpoint{where} ({reason}); start it or fix {fix_endpoint}")
+                raise UserError(
+                    f"{self.uri}: cannot reach the storage endpoint{where} ({reason}); start it or fix {fix_endpoint}"
+                )
         try:
             _within(CHECK_TIMEOUT_S, self._probe_bucket)
         except FileNotFoundError:
-            raise UserError(f"{self.uri}: bucket '{self.bucket}' does not exist{where}; create it or fix storage.uri") from None
+            raise UserError(
+                f"{self.uri}: bucket '{self.bucket}' does not exist{where}; create it or fix storage.uri"
+            ) from None
         except TimeoutError:
             raise UserError(
                 f"{self.uri}: no answer from the storage endpoint{where} within {CHECK_TIMEOUT_S:.0f} s; "
@@ -270,7 +285,8 @@ class Storage:
                 ) from None
             if type(error).__name__ == "NoCredentialsError":
                 raise UserError(
-                    f"{self.uri}: no credentials found for S3; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+                    f"{self.uri}: no credentials found for S3; "
+                    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
                 ) from None
             raise UserError(
                 f"{self.uri}: cannot use bucket '{self.bucket}'{where} ({type(error).__name__}: {_one_line(error)}); "
@@ -288,15 +304,25 @@ class Storage:
 
 # OSErrors that say something definite about the request, not about the network.
 _PERMANENT_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-_PERMANENT_ERRNOS = {errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTEMPTY, errno.EMSGSIZE}
-_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
-_TRANSIENT_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestLimitExceeded", "InternalError", "ServiceUnavailable"}
+# s3fs turns S3's client errors (bad name, too large, ...) into these errnos.
+_PERMANENT_ERRNOS = {
+    errno.EINVAL, errno.ENAMETOOLONG, errno.EMSGSIZE, errno.ENOTEMPTY,
+    errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM,
+}  # fmt: skip
+_TRANSIENT_STATUS = {408, 429}  # and every 5xx
+_TRANSIENT_CODES = {
+    "Throttling", "ThrottlingException", "SlowDown", "RequestTimeout",
+    "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
+}  # fmt: skip
 
 
-def retry(fn: Callable[..., T], *args: Any, attempts: int = 5, base_delay: float = 0.2, what: str = "", **kwargs: Any) -> T:
+def retry(
+    fn: Callable[..., T], *args: Any, attempts: int = 5, base_delay: float = 0.2, what: str = "", **kwargs: Any
+) -> T:
     """Call fn(*args, **kwargs), retrying transient storage errors with exponential backoff
     and jitter; other errors, and the last transient one, propagate unchanged."""
     what = what or getattr(fn, "__name__", "storage call")
+    attempts = max(1, attempts)
     for attempt in range(1, attempts + 1):
         try:
             return fn(*args, **kwargs)
@@ -322,7 +348,7 @@ def is_transient(error: BaseException) -> bool:
         return True
     status, code = _status_of(error)
     if status is not None or code is not None:
-        return status in _TRANSIENT_STATUS or (status is not None and status >= 500) or code in _TRANSIENT_CODES
+        return status in _TRANSIENT_STATUS or (status or 0) >= 500 or code in _TRANSIENT_CODES
     if isinstance(error, OSError):
         return error.errno not in _PERMANENT_ERRNOS
     return False
@@ -388,7 +414,11 @@ def _replace_dir(new: Path, dest: Path) -> None:
         return
     old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(dest, old)
-    os.rename(new, dest)
+    try:
+        os.rename(new, dest)
+    except OSError:
+        os.rename(old, dest)  # put the previous contents back
+        raise
     if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old, ignore_errors=True)
     else:
@@ -401,9 +431,13 @@ def _check_local_root(root: str) -> None:
     except FileExistsError:
         raise UserError(f"{root}: exists and is not a folder; choose another storage.uri") from None
     except OSError as error:
-        raise UserError(f"{root}: cannot create the storage folder ({error.strerror}); choose another storage.uri") from None
+        raise UserError(
+            f"{root}: cannot create the storage folder ({error.strerror}); choose another storage.uri"
+        ) from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise UserError(f"{root}: the storage folder is not writable; fix its permissions or choose another storage.uri")
+        raise UserError(
+            f"{root}: the storage folder is not writable; fix its permissions or choose another storage.uri"
+        )
 
 
 def _tcp_unreachable(url: str) -> str | None:

@@ -33,11 +33,14 @@ def session_env():
 def _quiet_and_isolated_env(session_env):
     session_env.setenv("RAY_USAGE_STATS_ENABLED", "0")
     session_env.delenv("AWS_PROFILE", raising=False)
+    # Any gcsfs import from here on picks the plain filesystem (the default hangs on emulators).
+    session_env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(session_env, tmp_path_factory) -> str:
-    """URL of a moto S3 server on 127.0.0.1, with dummy credentials in the environment."""
+def s3_env(session_env, tmp_path_factory) -> None:
+    """Dummy AWS credentials and region, nothing from the developer's AWS setup.
+    Tests that run their own server (start_moto_process) ask for this directly."""
     aws_home = tmp_path_factory.mktemp("aws")
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         session_env.delenv(name, raising=False)
@@ -47,6 +50,11 @@ def s3_endpoint(session_env, tmp_path_factory) -> str:
     # Keep the developer's ~/.aws (profiles, endpoints, regions) out of the tests.
     session_env.setenv("AWS_CONFIG_FILE", str(aws_home / "config"))
     session_env.setenv("AWS_SHARED_CREDENTIALS_FILE", str(aws_home / "credentials"))
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_env) -> str:
+    """URL of a moto S3 server on 127.0.0.1 (in this process), with s3_env applied."""
     url, server = start_moto()
     yield url
     server.stop()

@@ -4,7 +4,6 @@ One Ray instance serves the whole module; every trainer run costs ~10-20 s here.
 """
 
 import json
-import logging
 
 import pytest
 
@@ -36,8 +35,7 @@ def train(*overrides: str) -> int:
     return main(["jobs/quickstart.yaml", *[arg for o in [*SMALL, *overrides] for arg in ("--set", o)]])
 
 
-def test_quickstart_on_s3_commits_resumes_and_finishes(ray_instance, s3_endpoint, s3_bucket, caplog):
-    caplog.set_level(logging.INFO, logger="segjob")
+def test_quickstart_on_s3_commits_resumes_and_finishes(ray_instance, s3_endpoint, s3_bucket, capsys):
     storage_args = [f"storage.uri=s3://{s3_bucket}/runs", f"storage.endpoint_url={s3_endpoint}"]
     assert train(*storage_args, "train.epochs=1") == 0
 
@@ -48,11 +46,10 @@ def test_quickstart_on_s3_commits_resumes_and_finishes(ray_instance, s3_endpoint
     for info in committed:  # every committed folder is complete and verifies
         assert storage.exists(f"{info.path}/{checkpoint.META_FILE}")
         checkpoint.load(storage, info, expected_run="quickstart")
-    assert "starting run 'quickstart'" in caplog.text
+    assert "starting run 'quickstart'" in capsys.readouterr().err
 
-    caplog.clear()
     assert train(*storage_args, "train.epochs=2") == 0  # the same command, one more epoch: resumes
-    assert "resuming run 'quickstart' from step-" in caplog.text
+    assert "resuming run 'quickstart' from step-" in capsys.readouterr().err
     final = checkpoint.latest(storage, run_path)
     loaded = checkpoint.load(storage, final)
     epoch_ends = [r["epoch"] for r in loaded.history if r.get("checkpoint") == "epoch"]
@@ -61,9 +58,8 @@ def test_quickstart_on_s3_commits_resumes_and_finishes(ray_instance, s3_endpoint
     assert steps == list(range(1, final.step + 1))
     assert json.loads(storage.read_bytes(f"{run_path}/{engine.DONE_FILE}"))["epochs"] == 2
 
-    caplog.clear()
     assert train(*storage_args, "train.epochs=2") == 0
-    assert "already finished" in caplog.text
+    assert "already finished" in capsys.readouterr().err
     assert checkpoint.latest(storage, run_path).step == final.step
 
 

@@ -67,7 +67,7 @@ def test_uri_forms(tmp_path, monkeypatch):
     assert local.path("a", "b/") == f"{tmp_path}/runs/a/b"
 
     s3 = open_storage("s3://bucket/some/prefix/", "http://127.0.0.1:1")
-    assert (s3.uri, s3.root, s3.is_local, s3.bucket) == ("s3://bucket/some/prefix", "bucket/some/prefix", False, "bucket")
+    assert (s3.uri, s3.root, s3.is_local) == ("s3://bucket/some/prefix", "bucket/some/prefix", False)
     assert s3.path("run", "ckpt") == "bucket/some/prefix/run/ckpt"
     gcs = open_storage("gcs://bucket/p", "127.0.0.1:1")
     assert (gcs.uri, gcs.root, gcs.endpoint_url) == ("gs://bucket/p", "bucket/p", "http://127.0.0.1:1")
@@ -99,6 +99,37 @@ def test_local_storage_does_not_import_cloud_clients(tmp_path):
         "assert not {'s3fs', 'gcsfs', 'botocore'} & set(sys.modules), sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], check=True)
+
+
+def test_gcsfs_imported_before_the_flag_still_gives_the_plain_filesystem():
+    """If gcsfs was imported with its experimental default (which hangs on emulators),
+    open_storage still uses the plain GCSFileSystem once the flag says false."""
+    code = (
+        "import gcsfs, gcsfs.core, segjob.storage as s; "
+        "assert gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem; "
+        "st = s.open_storage('gs://bucket/x', 'http://127.0.0.1:1'); "
+        "assert type(st.fs) is gcsfs.core.GCSFileSystem, type(st.fs)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_moto_server_process_helper(s3_env):
+    """The separate-process moto server others use for driver-kill tests."""
+    from servers import create_s3_bucket, start_moto_process, stop_process
+
+    url, process = start_moto_process()
+    try:
+        create_s3_bucket(url, "segjob-process-test")
+        storage = open_storage("s3://segjob-process-test/runs", url)
+        storage.check()
+        storage.write_bytes(storage.path("a"), b"1")
+        assert storage.read_bytes(storage.path("a")) == b"1"
+    finally:
+        stop_process(process)
+    assert process.returncode is not None
+    with pytest.raises(UserError, match="cannot reach"):
+        open_storage("s3://segjob-process-test/runs", url).check()
 
 
 def test_pickle_rebuilds_instead_of_copying(s3_endpoint, s3_bucket):
@@ -137,7 +168,7 @@ def test_bytes_exists_list_rm(storage):
         storage.read_bytes(storage.path("run", "nope.json"))
 
 
-def test_listing_sees_writes_by_another_process(request, storage, tmp_path):
+def test_listing_sees_writes_by_another_process(storage):
     assert storage.list_dirs(storage.path("run")) == []
     assert not storage.exists(storage.path("run", "a", "meta.json"))
     other = pickle.loads(pickle.dumps(storage))  # what another process would open
@@ -172,9 +203,38 @@ def test_put_and_get_folder(storage, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_folder_placeholder_objects_are_ignored(request, backend, tmp_path):
+    """Consoles and some tools create empty "folder/" objects; they are not sub-folders or files."""
+    storage = _open(request, backend, tmp_path)
+    storage.write_bytes(storage.path("run", "ckpt", "meta.json"), b"{}")
+    for placeholder in ("", "run", "run/ckpt"):
+        key = storage.path(placeholder).split("/", 1)[1] + "/"
+        if backend == "s3":
+            storage.fs.call_s3("put_object", Bucket=storage.bucket, Key=key, Body=b"")
+        else:
+            storage.fs.pipe_file(f"{storage.bucket}/{key}", b"")
+    assert storage.list_dirs(storage.path()) == ["run"]
+    assert storage.list_dirs(storage.path("run")) == ["ckpt"]
+    storage.get_folder(storage.path("run"), tmp_path / "out")
+    assert [str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")] == ["ckpt", "ckpt/meta.json"]
+
+
+@pytest.mark.parametrize("backend", ["s3", "gcs"])
+def test_large_file_round_trip(request, backend, tmp_path):
+    """8 MiB: past gcsfs's simple-upload limit (5 MiB), so its resumable upload runs."""
+    storage = _open(request, backend, tmp_path)
+    data = os.urandom(8 * 2**20)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "model.safetensors").write_bytes(data)
+    storage.put_folder(tmp_path / "src", storage.path("ckpt"), ["model.safetensors"])
+    storage.get_folder(storage.path("ckpt"), tmp_path / "dst")
+    assert (tmp_path / "dst" / "model.safetensors").read_bytes() == data
+
+
 def test_put_folder_keeps_the_given_order(tmp_path, monkeypatch):
     storage = open_storage(str(tmp_path / "runs"))
-    files = _write_tree(tmp_path / "source", TREE)
+    _write_tree(tmp_path / "source", TREE)
     order = ["nested/deeper/state.pt", "model.safetensors", "meta.json"]
     uploaded = []
     monkeypatch.setattr(storage, "put_file", lambda local, path: uploaded.append(path))
@@ -182,7 +242,6 @@ def test_put_folder_keeps_the_given_order(tmp_path, monkeypatch):
     assert uploaded == [storage.path("ckpt", name) for name in order]
     with pytest.raises(UserError):
         storage.put_folder(tmp_path / "source", storage.path("ckpt"), ["../outside"])
-    assert files  # the tree exists; only the listed names were sent
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,7 +273,8 @@ def test_get_folder_is_atomic_when_a_download_fails(request, backend, tmp_path, 
     (downloads / "existing").mkdir()
     (downloads / "existing" / "keep.txt").write_bytes(b"mine")
     calls.clear()
-    other.put_file(tmp_path / "source" / "nested" / "history.jsonl", other.path("run", "ckpt", "nested", "history.jsonl"))
+    restored = other.path("run", "ckpt", "nested", "history.jsonl")
+    other.put_file(tmp_path / "source" / "nested" / "history.jsonl", restored)
     with pytest.raises(FileNotFoundError):
         storage.get_folder(folder, downloads / "existing")
     assert os.listdir(downloads) == ["existing"]
@@ -223,7 +283,12 @@ def test_get_folder_is_atomic_when_a_download_fails(request, backend, tmp_path, 
 
 @pytest.mark.parametrize(
     "backend, bad_key",
-    [("s3", "ckpt/../escape.txt"), ("s3", "ckpt/sub/../../escape.txt"), ("s3", "ckpt//etc/passwd"), ("gcs", "ckpt//etc/passwd")],
+    [
+        ("s3", "ckpt/../escape.txt"),
+        ("s3", "ckpt/sub/../../escape.txt"),
+        ("s3", "ckpt//etc/passwd"),
+        ("gcs", "ckpt//etc/passwd"),
+    ],
 )
 def test_get_folder_refuses_unsafe_keys(request, backend, bad_key, tmp_path):
     # The GCS emulator itself rejects object names with '..', so only S3 stores those.
@@ -284,6 +349,43 @@ def test_check_bounded_when_the_probe_hangs(monkeypatch):
     with pytest.raises(UserError, match="no answer"):
         storage.check()
     assert time.monotonic() - started < 5
+
+
+def _no_credentials():
+    from botocore.exceptions import NoCredentialsError
+
+    return NoCredentialsError()
+
+
+def _gcs_unauthorized():
+    from gcsfs.retry import HttpError
+
+    return HttpError({"code": 401, "message": "Anonymous caller does not have storage.buckets.get access"})
+
+
+@pytest.mark.parametrize(
+    "make_error, expected",
+    [
+        (lambda: PermissionError("Access Denied"), "denied"),
+        (lambda: OSError("Forbidden: some-bucket\nno access"), "denied"),
+        (_gcs_unauthorized, "denied"),
+        (_no_credentials, "no credentials"),
+        (lambda: RuntimeError("weird\nfailure"), "cannot use bucket"),
+    ],
+)
+def test_check_turns_probe_errors_into_one_line(monkeypatch, make_error, expected):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    storage = open_storage("s3://some-bucket/runs")  # no endpoint: no TCP pre-check
+
+    def probe():
+        raise make_error()
+
+    monkeypatch.setattr(storage, "_probe_bucket", probe)
+    with pytest.raises(UserError) as caught:
+        storage.check()
+    message = str(caught.value)
+    assert expected in message and "s3://some-bucket/runs" in message and "\n" not in message
 
 
 def test_check_does_not_print_credentials(s3_endpoint, monkeypatch):
