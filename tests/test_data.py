@@ -328,3 +328,11 @@ def test_tiny_pets_unreadable_image_names_the_sample(tmp_path):
     train, _ = build_datasets(PetsData(root=str(tmp_path), split="official"), seed=0)
     with pytest.raises(UserError, match="'Bengal_1': cannot read .*Bengal_1.jpg"):
         train[2]
+
+
+def test_tiny_pets_size_mismatch_names_the_pair(tmp_path):
+    write_tiny_pets(tmp_path)
+    Image.fromarray(np.full((10, 10), 2, dtype=np.uint8), "L").save(tmp_path / "annotations/trimaps/Bengal_1.png")
+    train, _ = build_datasets(PetsData(root=str(tmp_path), split="official"), seed=0)
+    with pytest.raises(UserError, match=r"'Bengal_1': image .*Bengal_1.jpg is 47x33 but its trimap .*Bengal_1.png is 10x10"):
+        train.load(2)

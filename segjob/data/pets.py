@@ -75,6 +75,7 @@ class PetsDataset(SegmentationDataset):
         path = self.image_path(name)
         try:
             with Image.open(path) as file:
+                original_size = file.size
                 # JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size;
                 # a no-op for the few files that are really GIF or PNG.
                 file.draft("RGB", (self.image_size, self.image_size))
@@ -86,6 +87,11 @@ class PetsDataset(SegmentationDataset):
             raise UserError(f"pets sample '{name}': cannot read {path} ({error})") from None
         if trimap.ndim == 3:  # an RGB(A) trimap: the label sits in every colour channel
             trimap = trimap[..., 0]
+        if (trimap.shape[1], trimap.shape[0]) != original_size:
+            raise UserError(
+                f"pets sample '{name}': image {self.image_path(name)} is {original_size[0]}x{original_size[1]} "
+                f"but its trimap {path} is {trimap.shape[1]}x{trimap.shape[0]}; fix or remove the pair"
+            )
         labels = self._lookup[np.minimum(trimap, 255)]
         return {
             "image": tv_tensors.Image(F.pil_to_tensor(image)),
