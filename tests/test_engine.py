@@ -98,3 +98,31 @@ def test_a_finished_run_trains_no_further(reference):
     session = LocalSession("cpu")
     engine.run(tiny_job(uri), session)
     assert session.reports == []
+
+
+@pytest.mark.parametrize("store", ["s3", "gcs"])
+def test_a_short_run_commits_to_object_storage(store, request):
+    endpoint = request.getfixturevalue(f"{store}_endpoint")
+    bucket = request.getfixturevalue(f"{store}_bucket")
+    uri = f"{'s3' if store == 's3' else 'gs'}://{bucket}/runs"
+    job = tiny_job(uri, epochs=1, max_steps_per_epoch=2, checkpoint_every_steps=0)
+    job = job.model_copy(update={"storage": job.storage.model_copy(update={"endpoint_url": endpoint})})
+    engine.run(job, LocalSession("cpu"))
+    storage = open_storage(uri, endpoint_url=endpoint)
+    [info] = checkpoint.list_committed(storage, storage.path("tiny"))
+    assert info.step == 2 and "val/miou" in info.metrics
+    checkpoint.load(storage, info, expected_run="tiny")
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    session = LocalSession("cpu")
+    metrics = engine.run(tiny_job(str(tmp_path), epochs=1, amp="bf16", grad_accum_steps=2, checkpoint_every_steps=0), session)
+    assert metrics["step"] == 48 // 8 // 2, "one optimizer step per two micro-batches"
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_fp16_without_a_gpu_is_a_clear_error(tmp_path):
+    from segjob.errors import UserError
+
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        engine.run(tiny_job(str(tmp_path), amp="fp16"), LocalSession("cpu"))
