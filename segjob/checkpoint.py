@@ -225,7 +225,10 @@ def load(storage: Storage, info: CheckpointInfo, expected_run: str | None = None
     """Fetch a checkpoint from storage into a temporary folder, verify and load it."""
     with tempfile.TemporaryDirectory(prefix="segjob-ckpt-") as tmp:
         folder = fetch(storage, info.path, Path(tmp) / info.name)
-        return load_folder(folder, expected_run)
+        try:
+            return load_folder(folder, expected_run)
+        except UserError as error:  # name the checkpoint where the user can find it, not our temp copy
+            raise UserError(str(error).replace(str(folder), info.path)) from None
 
 
 def _parse_meta(raw: bytes, where: str) -> dict[str, Any]:

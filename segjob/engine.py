@@ -145,10 +145,26 @@ def train_sampler(job: JobConfig, session: Session, train_set, epoch: int, start
 
 
 def resume(worker: Worker) -> None:
-    """Load the newest committed checkpoint of this run, if there is one."""
-    info = checkpoint.latest(worker.storage, worker.run_path)
-    if info is None:
+    """Load the newest committed checkpoint that verifies; a damaged one is skipped, loudly."""
+    committed = checkpoint.list_committed(worker.storage, worker.run_path)
+    problems = []
+    for info in reversed(committed):
+        try:
+            load_into(worker, info)
+        except UserError as error:
+            problems.append(str(error))
+            log.warning("cannot resume from %s: %s; trying the one before", info.name, error)
+            continue
+        if worker.is_chief:
+            log.info("resumed %s from %s: epoch %d, step %d, %d samples into the epoch",
+                     worker.job.name, info.name, worker.progress.epoch, worker.progress.step, worker.progress.position)
         return
+    if problems:
+        # never start over silently: retention would then delete the checkpoints that exist
+        raise UserError(f"no usable checkpoint among {len(problems)} committed in {worker.run_path}; newest: {problems[0]}")
+
+
+def load_into(worker: Worker, info: checkpoint.CheckpointInfo) -> None:
     loaded = checkpoint.load(worker.storage, info, expected_run=worker.job.name)
     try:
         worker.model.load_state_dict(loaded.model_state)
@@ -162,9 +178,6 @@ def resume(worker: Worker) -> None:
     restore_rng(state["rng"])
     worker.progress = Progress(**state["progress"])
     worker.history = loaded.history
-    if worker.is_chief:
-        log.info("resumed %s from %s: epoch %d, step %d, %d samples into the epoch",
-                 worker.job.name, info.name, worker.progress.epoch, worker.progress.step, worker.progress.position)
 
 
 # --- the loop ---------------------------------------------------------------------------

@@ -126,3 +126,30 @@ def test_fp16_without_a_gpu_is_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         engine.run(tiny_job(str(tmp_path), amp="fp16"), LocalSession("cpu"))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog):
+    uri = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        # reports at steps 4, 6 (epoch end, kept as best) and 8 (mid-epoch, kept as newest)
+        engine.run(tiny_job(uri), CrashAfter(reports=3))
+    storage = open_storage(uri)
+    assert [i.step for i in checkpoint.list_committed(storage, storage.path("tiny"))] == [6, 8]
+    newest = checkpoint.latest(storage, storage.path("tiny"))
+    (tmp_path / "tiny/checkpoints" / newest.name / checkpoint.MODEL_FILE).write_bytes(b"garbage")
+    worker = engine.setup(tiny_job(uri), LocalSession("cpu"))
+    assert (worker.progress.epoch, worker.progress.step, worker.progress.position) == (1, 6, 0)
+    assert "cannot resume from step-000000008" in caplog.text
+    assert f"{newest.path}/model.safetensors: sha256 does not match" in caplog.text
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    from segjob.errors import UserError
+
+    uri = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(tiny_job(uri, epochs=1), CrashAfter(reports=1))
+    bigger = tiny_job(uri, epochs=1)
+    bigger = bigger.model_copy(update={"model": bigger.model.model_copy(update={"base_channels": 8})})
+    with pytest.raises(UserError, match="no usable checkpoint .* weights don't fit this job's model"):
+        engine.setup(bigger, LocalSession("cpu"))

@@ -77,6 +77,16 @@ def test_engine_without_ray_matches_one_ray_worker(ray_instance, tmp_path):
     assert first_loss(str(tmp_path / "ray")) == pytest.approx(first_loss(str(tmp_path / "local")), rel=1e-6)
 
 
+def test_a_user_error_on_a_worker_comes_back_as_one_line(ray_instance, tmp_path, capsys):
+    # a finished 1-step run, then the same run with a model its checkpoint can't fill
+    common = [*SMALL, "train.max_steps_per_epoch=1", "scaling.num_workers=1", f"storage.uri={tmp_path}"]
+    assert train(*common, "train.epochs=1") == 0
+    capsys.readouterr()
+    assert train(*common, "train.epochs=2", "model.base_channels=4", "failure.max_failures=0") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "weights don't fit this job's model" in errors[0]
+
+
 def test_a_missing_dataset_stops_the_driver_with_one_line(tmp_path, capsys):
     job = tmp_path / "pets.yaml"
     job.write_text(f"name: pets\ndata: {{name: pets, root: {tmp_path / 'missing'}}}\nstorage: {{uri: {tmp_path}}}\n")
