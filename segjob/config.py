@@ -146,6 +146,17 @@ class StorageConfig(Section):
 
 class FailureSection(Section):
     max_failures: int = Field(3, ge=0, description="worker-group restarts after a worker or node is lost")
+    collective_timeout_s: int = Field(300, ge=10, description="survivors of a lost peer fail after this long instead of hanging")
+
+
+class PreemptionSection(Section):
+    """Where preemption notices come from. Any of them triggers a checkpoint at once."""
+
+    sigterm: bool = Field(True, description="treat SIGTERM to a worker process as a notice")
+    aws_metadata_url: str | None = Field("http://169.254.169.254", description="EC2 IMDSv2 base URL; null to disable")
+    gcp_metadata_url: str | None = Field("http://metadata.google.internal", description="GCE metadata base URL; null to disable")
+    ray_drain: bool = Field(True, description="watch ray.train.get_preemption_info() (KubeRay drains nodes)")
+    poll_interval_s: float = Field(5.0, gt=0.0, le=60.0)
 
 
 METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/dice|val/iou/[\w.-]+)$"
@@ -174,6 +185,7 @@ class JobConfig(Section):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     failure: FailureSection = Field(default_factory=FailureSection)
+    preemption: PreemptionSection = Field(default_factory=PreemptionSection)
     metric: MetricConfig = Field(default_factory=MetricConfig)
 
 

@@ -25,8 +25,6 @@ from .storage import Storage, worker_env_vars
 
 log = logging.getLogger("segjob")
 
-# Survivors of a lost peer must fail fast rather than wait in a collective forever.
-COLLECTIVE_TIMEOUT_S = 600
 # Ray Train V2's bookkeeping of reported checkpoints, in the run folder
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
@@ -97,7 +95,7 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool) -> TorchTrain
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"job": job.model_dump(mode="json")},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=job.failure.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=job.name,
