@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint
+from . import checkpoint, preemption
+from .commits import Committer
 from .config import JobConfig
 from .constants import IGNORE_INDEX
 from .data import build_datasets
@@ -39,12 +39,11 @@ from .losses import build_loss
 from .metrics import ConfusionMatrix
 from .models import create_model
 from .optim import Schedule, build_optimizer, current_lr
+from .runs import DONE_FILE
 from .session import Session
 from .storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
-
-DONE_FILE = "done.json"
 
 
 @dataclasses.dataclass
@@ -72,6 +71,8 @@ class Worker:
     val_set: Any
     progress: Progress
     history: list[dict[str, Any]]
+    committer: Committer
+    watcher: preemption.PreemptionWatcher | None
 
     @property
     def device(self) -> torch.device:
@@ -82,14 +83,27 @@ class Worker:
         return self.session.rank == 0
 
 
+class Preempted(RuntimeError):
+    """Raised on every rank after the preemption checkpoint is committed: Ray must see a failure, not success."""
+
+
 def run(job: JobConfig, session: Session) -> dict[str, Any]:
     """Train `job` to its last epoch (or from wherever storage says it stopped)."""
     worker = setup(job, session)
     final_metrics: dict[str, Any] = {}
-    for epoch in range(worker.progress.epoch, job.train.epochs):
-        final_metrics = train_one_epoch(worker, epoch)
+    try:
+        with preemption.training_active():
+            for epoch in range(worker.progress.epoch, job.train.epochs):
+                final_metrics = train_one_epoch(worker, epoch)
+    finally:
+        worker.committer.close()
+        if worker.watcher:
+            worker.watcher.stop()
     if worker.is_chief and worker.progress.epoch >= job.train.epochs:
-        mark_done(worker, final_metrics)
+        if final_metrics and worker.committer.last_committed is None:
+            # never call a run finished whose last checkpoint isn't in storage; Ray retries from the one before
+            raise RuntimeError("the final checkpoint could not be committed to storage; the run is not finished")
+        mark_done(worker, final_metrics or last_checkpoint_metrics(worker.history))
     return final_metrics
 
 
@@ -115,8 +129,11 @@ def setup(job: JobConfig, session: Session) -> Worker:
     worker = Worker(
         job, session, storage, run_path, model, model, build_loss(job.loss, num_classes).to(session.device),
         optimizer, schedule, scaler, train_set, val_set, Progress(), [],
+        Committer(job, session, storage, run_path), None,
     )
     resume(worker)
+    worker.watcher = preemption.PreemptionWatcher(job.preemption, getattr(session, "preemption_info", None))
+    worker.watcher.start()
     # DDP after loading the state: every rank starts from the same weights either way
     if session.world_size > 1:
         device_ids = [session.device.index] if session.device.type == "cuda" else None
@@ -218,13 +235,20 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         progress.step += 1
         if progress.step % job.train.log_every_steps == 0 and worker.is_chief:
             worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler), "train/step_loss": float(loss.detach())})
+        preempt, upload_done = agree(worker)
+        if upload_done:
+            worker.committer.flush()
         every = job.train.checkpoint_every_steps
-        if every and progress.step % every == 0 and progress.position < sampler.epoch_samples:
+        due = every and progress.step % every == 0 and progress.position < sampler.epoch_samples
+        if due or preempt:
             metrics = {"epoch": epoch, "step": progress.step, "train/loss": mean_across_ranks(loss_sum, micro_batches),
                        "lr": current_lr(worker.optimizer)}
             loss_sum.zero_()
             micro_batches = 0
-            save_and_report(worker, metrics, reason="steps")
+            if preempt:
+                checkpoint_for_preemption(worker, metrics)  # raises unless the notice was withdrawn
+            else:
+                save_and_report(worker, metrics, reason="steps")
 
     train_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {"epoch": epoch + 1, "step": progress.step, "lr": current_lr(worker.optimizer)}
@@ -236,7 +260,7 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     worker.schedule.after_epoch()
     metrics["train/images_per_s"] = images_seen / max(train_seconds, 1e-9)
     progress.epoch, progress.position = epoch + 1, 0
-    save_and_report(worker, metrics, reason="epoch", final=epoch + 1 == job.train.epochs)
+    save_and_report(worker, metrics, reason="epoch", wait=epoch + 1 == job.train.epochs)
     if worker.is_chief:
         log.info(status_line(job, metrics, time.perf_counter() - started))
     return metrics
@@ -313,43 +337,62 @@ def status_line(job: JobConfig, metrics: dict[str, Any], seconds: float) -> str:
 # --- checkpoints ------------------------------------------------------------------------
 
 
-def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, final: bool = False) -> None:
-    """Rank 0 writes and commits a checkpoint; then every rank reports (Ray needs all of them)."""
-    committed_path = None
+def agree(worker: Worker) -> tuple[bool, bool]:
+    """(a preemption notice on any rank, rank 0's upload finished), the same on every rank.
+
+    One tiny all-reduce per step: a notice seen by one node reaches all ranks within a step,
+    and every rank reports a finished upload at the same step (Ray needs equal report counts).
+    """
+    notice = worker.watcher.notice() if worker.watcher else None
+    flags = torch.tensor([notice is not None, worker.committer.upload_finished_here()], dtype=torch.int32)
+    if worker.session.world_size > 1 and dist.is_available() and dist.is_initialized():
+        flags = flags.to(worker.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    preempt, upload_done = (bool(flag) for flag in flags.tolist())
+    return preempt, upload_done
+
+
+def checkpoint_for_preemption(worker: Worker, metrics: dict[str, Any]) -> None:
+    """Commit a checkpoint now; then stop with an error (Ray restarts and resumes) unless the notice is gone."""
+    notice = worker.watcher.notice() if worker.watcher else None
+    why = f"{notice.source}: {notice.detail}" if notice else "a notice on another worker"
+    log.warning("preemption notice (%s) at step %d: checkpointing now", why, worker.progress.step)
+    started = time.perf_counter()
+    save_and_report(worker, metrics, reason=f"preemption ({why})", wait=True)
+    if worker.is_chief:
+        log.warning("preemption checkpoint committed in %.1f s: %s", time.perf_counter() - started,
+                    worker.committer.last_committed or "FAILED")
+    still_preempted, _ = agree(worker)
+    if still_preempted:
+        raise Preempted(f"preempted ({why}); stopped after committing step {worker.progress.step}, resume continues from it")
+    log.warning("preemption notice withdrawn; training goes on")
+
+
+def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, wait: bool = False) -> None:
+    """Every rank: checkpoint now. Rank 0 writes it and commits it in the background; it is
+    reported (by every rank) once committed, or at once when `wait`."""
     if worker.is_chief:
         worker.history.append({**metrics, "checkpoint": reason})
-        committed_path = commit_checkpoint(worker, metrics, reason, required=final)
-    worker.session.report(metrics, committed_path)
+    progress = worker.progress
+    worker.committer.save(metrics, progress.step, progress.epoch, reason, write=lambda folder: write_payload(worker, folder))
+    if wait:
+        worker.committer.flush()
 
 
-def commit_checkpoint(worker: Worker, metrics: dict[str, Any], reason: str, required: bool) -> str | None:
-    job, progress = worker.job, worker.progress
+def write_payload(worker: Worker, folder: Path) -> None:
     train_state = {
         "optimizer": worker.optimizer.state_dict(),
         "schedule": worker.schedule.state_dict(),
         "scaler": worker.scaler.state_dict(),
         "rng": rng_state(),
-        "progress": dataclasses.asdict(progress),
+        "progress": dataclasses.asdict(worker.progress),
     }
-    with tempfile.TemporaryDirectory(prefix="segjob-save-") as tmp:
-        folder = Path(tmp)
-        checkpoint.write_local(folder, worker.model.state_dict(), train_state, worker.history)
-        meta = checkpoint.build_meta(
-            folder, job=job.model_dump(mode="json"), step=progress.step, epoch=progress.epoch, metrics=metrics, reason=reason
-        )
-        try:
-            info = checkpoint.commit(worker.storage, worker.run_path, folder, meta)
-        except Exception as error:
-            if required:
-                raise
-            # a checkpoint that failed to upload never looks committed; training goes on
-            log.warning("checkpoint at step %d NOT committed (%s: %s); the next one will try again",
-                        progress.step, type(error).__name__, error)
-            return None
-    removed = checkpoint.apply_retention(worker.storage, worker.run_path, job.storage.keep_best, job.metric.name, job.metric.mode)
-    if removed:
-        log.debug("retention removed %s", ", ".join(removed))
-    return info.path
+    checkpoint.write_local(folder, worker.model.state_dict(), train_state, worker.history)
+
+
+def last_checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    records = [r for r in history if "checkpoint" in r]
+    return {k: v for k, v in records[-1].items() if k != "checkpoint"} if records else {}
 
 
 def mark_done(worker: Worker, metrics: dict[str, Any]) -> None:

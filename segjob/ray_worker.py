@@ -41,6 +41,10 @@ class RaySession:
         # Ray accepts a checkpoint it does not upload only on its own filesystem object, inside the run folder
         self._filesystem = storage.storage_filesystem
 
+    def preemption_info(self) -> Any:
+        """Set when Ray drains this node for preemption (KubeRay does; self-managed clusters don't)."""
+        return ray.train.get_preemption_info()
+
     def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         checkpoint = Checkpoint(path=checkpoint_path, filesystem=self._filesystem) if checkpoint_path else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
@@ -54,15 +58,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine.run(job, RaySession())
 
 
+def runtime_env() -> dict[str, Any]:
+    """What every Ray worker process needs: storage settings, and segjob's SIGTERM handler.
+
+    The handler must be installed at process level: Train V2 runs the training function in a
+    thread, where signal.signal is not allowed.
+    """
+    return {"env_vars": worker_env_vars(), "worker_process_setup_hook": "segjob.preemption.install_sigterm_handler"}
+
+
 def connect(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (or `ray job submit`'s), else start a local one."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env_vars()}
+    env = runtime_env()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env, log_to_driver=True)
+        ray.init(runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
 
 
 def resolve_use_gpu(job: JobConfig) -> bool:

@@ -11,14 +11,12 @@ here, on the driver, before Ray starts a worker.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
-from . import checkpoint
+from . import checkpoint, runs
 from .config import JobConfig, load_job, resolve_local_paths
 from .data import build_datasets
-from .engine import DONE_FILE
 from .errors import exits_cleanly_on_user_error, setup_logging
 from .storage import Storage, open_storage
 
@@ -30,27 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job key, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--restart", action="store_true",
+                        help="start a fresh run beside an existing one (named <name>-rN); the old run is kept")
     return parser.parse_args(argv)
 
 
 def prepare(job: JobConfig) -> tuple[Storage, str]:
-    """Check storage and data, clean orphaned uploads, and say whether this starts or resumes."""
+    """Check storage and data before anything starts."""
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     storage.check()
     build_datasets(job.data, job.seed)  # finds a missing dataset folder before any worker starts
-    run_path = storage.path(job.name)
-    orphans = checkpoint.remove_uncommitted(storage, run_path)
-    if orphans:
-        log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
-    return storage, run_path
-
-
-def finished(storage: Storage, run_path: str, job: JobConfig) -> dict | None:
-    try:
-        done = json.loads(storage.read_bytes(f"{run_path}/{DONE_FILE}"))
-    except FileNotFoundError:
-        return None
-    return done if done.get("epochs", 0) >= job.train.epochs else None
+    return storage, storage.path(job.name)
 
 
 def announce(storage: Storage, run_path: str, job: JobConfig) -> None:
@@ -78,23 +66,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     job = resolve_local_paths(load_job(args.job, args.overrides))
     storage, run_path = prepare(job)
-    done = finished(storage, run_path, job)
-    if done:
-        log.info("run '%s' already finished (%d epochs, step %d); raise train.epochs to train on",
-                 job.name, done["epochs"], done["step"])
-        return 0
-    announce(storage, run_path, job)
+    if args.restart and storage.list_dirs(run_path):
+        fresh = runs.fresh_run_name(storage, job.name)
+        log.info("--restart: starting run '%s' beside '%s', which is kept as it is", fresh, job.name)
+        job = job.model_copy(update={"name": fresh})
+        run_path = storage.path(fresh)
+    with runs.Lease(storage, run_path):
+        runs.check_same_job(storage, run_path, job, args.job)
+        done = runs.read_done(storage, run_path)
+        if done and done.get("epochs", 0) >= job.train.epochs:
+            log.info("run '%s' already finished (%d epochs, step %d); raise train.epochs to train on",
+                     job.name, done["epochs"], done["step"])
+            return 0
+        announce(storage, run_path, job)
+        orphans = checkpoint.remove_uncommitted(storage, run_path)  # safe: no other driver, no upload running
+        if orphans:
+            log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
 
-    from . import ray_worker  # Ray is imported only once the job is known to be valid
+        from . import ray_worker  # Ray is imported only once the job is known to be valid
 
-    started = time.perf_counter()
-    ray_worker.connect()
-    use_gpu = ray_worker.resolve_use_gpu(job)
-    ray_worker.check_fits_local_cluster(job, use_gpu)
-    ray_worker.forget_ray_snapshot(storage, run_path)
-    ray_worker.fit(ray_worker.build_trainer(job, storage, use_gpu))
-    log.info("run '%s' finished in %.0f s", job.name, time.perf_counter() - started)
-    summarize(storage, run_path, job)
+        started = time.perf_counter()
+        ray_worker.connect()
+        use_gpu = ray_worker.resolve_use_gpu(job)
+        ray_worker.check_fits_local_cluster(job, use_gpu)
+        ray_worker.forget_ray_snapshot(storage, run_path)
+        ray_worker.fit(ray_worker.build_trainer(job, storage, use_gpu))
+        log.info("run '%s' finished in %.0f s", job.name, time.perf_counter() - started)
+        summarize(storage, run_path, job)
     return 0
 
 

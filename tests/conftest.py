@@ -85,3 +85,15 @@ def gcs_bucket(gcs_endpoint) -> str:
     name = _unique_bucket_name()
     create_gcs_bucket(gcs_endpoint, name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint, gcs_endpoint):
+    """One local Ray (2 CPUs) for every integration test, started after the storage servers so
+    its workers inherit their settings; workers get segjob's runtime env (SIGTERM handler)."""
+    ray = pytest.importorskip("ray")
+    from segjob.ray_worker import runtime_env
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,92 @@
+"""Checkpoints leave the training loop at once and are committed in the background.
+
+Rank 0 writes a checkpoint into a local folder (fast: safetensors + torch.save on local
+disk) and hands the upload to one background thread; training goes on. One upload is in
+flight at a time: a new checkpoint first waits for the previous one. A checkpoint is
+reported (to Ray, and so to Tune) only once it is committed, so Ray never points at a
+folder that isn't there; every rank makes that report together (the engine agrees on
+"rank 0's upload is done" with its per-step all-reduce). An upload that fails after its
+retries is warned about, reported without a checkpoint, and training goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable
+
+from . import checkpoint
+from .config import JobConfig
+from .session import Session
+from .storage import Storage
+
+log = logging.getLogger("segjob")
+
+
+@dataclasses.dataclass
+class Pending:
+    metrics: dict[str, Any]
+    step: int
+    upload: Future | None  # rank 0 only: resolves to the committed path, or None if it failed
+
+
+class Committer:
+    def __init__(self, job: JobConfig, session: Session, storage: Storage, run_path: str):
+        self.job, self.session, self.storage, self.run_path = job, session, storage, run_path
+        self.is_chief = session.rank == 0
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-commit") if self.is_chief else None
+        self.pending: Pending | None = None
+        self.last_committed: str | None = None  # rank 0: path of the newest checkpoint known committed
+
+    def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str, write: Callable[[Path], None]) -> None:
+        """Every rank calls this at the same step; rank 0 writes with `write(folder)` and starts the upload."""
+        self.flush()
+        upload = None
+        if self.is_chief:
+            folder = Path(tempfile.mkdtemp(prefix="segjob-checkpoint-"))
+            write(folder)
+            meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
+                                         metrics=metrics, reason=reason)
+            upload = self.executor.submit(self._commit, folder, meta)
+        self.pending = Pending(metrics, step, upload)
+
+    def upload_finished_here(self) -> bool:
+        """Rank 0: the pending upload is over (either way). Other ranks: False."""
+        return bool(self.pending and self.pending.upload and self.pending.upload.done())
+
+    def flush(self) -> str | None:
+        """Wait for the pending upload (rank 0) and report it (every rank). Returns the committed path."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        path = pending.upload.result() if pending.upload else None
+        if self.is_chief:
+            self.last_committed = path
+        self.session.report(pending.metrics, path)
+        return path
+
+    def close(self) -> None:
+        if self.executor:
+            self.executor.shutdown(wait=True)
+
+    def _commit(self, folder: Path, meta: dict[str, Any]) -> str | None:
+        try:
+            info = checkpoint.commit(self.storage, self.run_path, folder, meta)
+        except Exception as error:  # storage errors come in many types; none may stop training
+            log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, the next checkpoint tries again",
+                        meta["step"], type(error).__name__, error)
+            return None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            removed = checkpoint.apply_retention(self.storage, self.run_path, self.job.storage.keep_best,
+                                                 self.job.metric.name, self.job.metric.mode)
+            if removed:
+                log.debug("retention removed %s", ", ".join(removed))
+        except Exception as error:
+            log.warning("retention after step %d failed (%s); old checkpoints stay for now", meta["step"], error)
+        return info.path

@@ -1,0 +1,168 @@
+"""A run folder's identity and ownership, as the driver sees it.
+
+    <storage>/<name>/job.json     the job the run was started with (resubmissions must match it)
+    <storage>/<name>/lease.json   which driver drives the run now (owner, host, pid, heartbeat)
+    <storage>/<name>/done.json    written by rank 0 once every epoch has finished
+
+A resubmitted job may change only what does not change the result (epochs, scaling,
+storage endpoint, failure and preemption handling, data location). A second live driver
+on the same run is refused; a driver that died (its pid is gone on this host, or its
+heartbeat stopped) is taken over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .config import JobConfig
+from .errors import UserError
+from .storage import Storage
+
+log = logging.getLogger("segjob")
+
+JOB_FILE = "job.json"
+LEASE_FILE = "lease.json"
+DONE_FILE = "done.json"
+
+# Keys a resubmission may change: they move or scale the run, they don't change what it computes.
+MAY_CHANGE_ON_RESUME = (
+    "train.epochs", "train.checkpoint_every_steps", "train.log_every_steps",
+    "scaling.", "storage.uri", "storage.endpoint_url", "storage.keep_best", "failure.", "preemption.",
+    "data.root", "data.loader_workers",
+)
+
+HEARTBEAT_S = 15.0
+LEASE_STALE_S = 60.0  # four missed heartbeats
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        flat: dict[str, Any] = {}
+        for key, value in tree.items():
+            flat.update(flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): tree}
+
+
+def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ and that may not change on resume."""
+    old, new = flatten(recorded), flatten(current)
+    differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return [key for key in differing if not may_change_on_resume(key)]
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key.startswith(allowed) if allowed.endswith(".") else key == allowed for allowed in MAY_CHANGE_ON_RESUME)
+
+
+def check_same_job(storage: Storage, run_path: str, job: JobConfig, job_file: str) -> None:
+    """Record the job on a first start; refuse a resubmission that would change the result."""
+    current = job.model_dump(mode="json")
+    try:
+        recorded = json.loads(storage.read_bytes(f"{run_path}/{JOB_FILE}"))
+    except FileNotFoundError:
+        storage.write_bytes(f"{run_path}/{JOB_FILE}", json.dumps(current, indent=1).encode())
+        return
+    differing = changed_keys(recorded, current)
+    if differing:
+        shown = ", ".join(f"{key} ({flatten(recorded).get(key)!r} -> {flatten(current).get(key)!r})" for key in differing[:4])
+        more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
+        raise UserError(
+            f"{job_file}: run '{job.name}' already exists in {storage.uri} with a different job: {shown}{more}; "
+            f"undo the change, give the job a new name, or pass --restart to start a fresh run beside it"
+        )
+    storage.write_bytes(f"{run_path}/{JOB_FILE}", json.dumps(current, indent=1).encode())  # record allowed changes
+
+
+def fresh_run_name(storage: Storage, name: str) -> str:
+    """The first free `<name>-rN` beside an existing run (never touching the old one)."""
+    for number in range(2, 10_000):
+        candidate = f"{name}-r{number}"
+        if not storage.list_dirs(storage.path(candidate)) and not storage.exists(storage.path(candidate, JOB_FILE)):
+            return candidate
+    raise UserError(f"{storage.uri}: no free run name beside '{name}'")
+
+
+def read_done(storage: Storage, run_path: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(f"{run_path}/{DONE_FILE}"))
+    except FileNotFoundError:
+        return None
+
+
+class Lease:
+    """This driver's claim on a run, kept fresh by a heartbeat thread; released on exit."""
+
+    def __init__(self, storage: Storage, run_path: str):
+        self.storage, self.path = storage, f"{run_path}/{LEASE_FILE}"
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        holder = self._read()
+        if holder and holder.get("owner") != self.record["owner"] and self._alive(holder):
+            age = time.time() - holder.get("heartbeat", 0)
+            raise UserError(
+                f"{self.storage.uri}: run is being driven by {holder.get('host')} pid {holder.get('pid')} "
+                f"(heartbeat {age:.0f} s ago); stop that driver, or wait {LEASE_STALE_S:.0f} s after it died"
+            )
+        if holder:
+            log.info("taking over the run from a driver that is gone (%s pid %s)", holder.get("host"), holder.get("pid"))
+        self._write()
+        time.sleep(0.2)  # two drivers starting together: the last writer wins, the other sees it below
+        if (self._read() or {}).get("owner") != self.record["owner"]:
+            raise UserError(f"{self.storage.uri}: another driver took this run at the same moment; it runs, this one stops")
+        self._thread = threading.Thread(target=self._heartbeat, name="segjob-lease", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        if (self._read() or {}).get("owner") == self.record["owner"]:
+            self.storage.rm(self.path)
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _alive(self, holder: dict) -> bool:
+        if time.time() - holder.get("heartbeat", 0) > LEASE_STALE_S:
+            return False
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)  # a driver on this host: is its process still there?
+            except (ProcessLookupError, ValueError):
+                return False
+            except PermissionError:
+                return True
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._write()
+            except Exception as error:  # a missed heartbeat is not fatal; four in a row lose the lease
+                log.warning("lease heartbeat failed: %s", error)
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.storage.read_bytes(self.path))
+        except FileNotFoundError:
+            return None
+        except json.JSONDecodeError:
+            return None
+
+    def _write(self) -> None:
+        self.storage.write_bytes(self.path, json.dumps({**self.record, "heartbeat": time.time()}).encode())

@@ -1,0 +1,51 @@
+"""Real fault injection for the integration tests: find processes, kill them, wait for state."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from segjob import checkpoint
+from segjob.storage import Storage
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of live Ray Train worker processes on this machine (Ray names them in their cmdline)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"RayTrainWorker" in cmdline:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+
+
+def committed_steps(storage: Storage, run: str) -> list[int]:
+    try:
+        return [info.step for info in checkpoint.list_committed(storage, storage.path(run))]
+    except Exception:  # the run folder may not exist yet, or storage may be mid-fault
+        return []
+
+
+def kill(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
