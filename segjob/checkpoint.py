@@ -107,9 +107,15 @@ def commit(storage: Storage, run_path: str, folder: Path, meta: dict[str, Any]) 
     """Upload the payload, then meta.json: the folder counts only once every file is there."""
     name = checkpoint_name(meta["step"])
     remote = f"{checkpoints_path(run_path)}/{name}"
+    if storage.exists(f"{remote}/{META_FILE}"):
+        # this step is committed already (e.g. preempted right after resuming at it): never
+        # overwrite a committed payload, its meta.json vouches for the files that are there
+        existing = _parse_meta(storage.read_bytes(f"{remote}/{META_FILE}"), f"{remote}/{META_FILE}")
+        return CheckpointInfo(remote, name, existing["step"], existing["epoch"], existing["metrics"], existing)
     storage.put_folder(folder, remote, list(PAYLOAD_FILES))
     data = json.dumps(meta, indent=1, allow_nan=True).encode()
-    retry(storage.write_bytes, f"{remote}/{META_FILE}", data, what=f"write {remote}/{META_FILE}")
+    # create-only: two writers of one step (a zombie worker and its replacement) can't both commit
+    storage.write_bytes(f"{remote}/{META_FILE}", data, create_only=True)
     return CheckpointInfo(remote, name, meta["step"], meta["epoch"], meta["metrics"], meta)
 
 

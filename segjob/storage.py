@@ -10,7 +10,8 @@ included; pickling does exactly that), so no filesystem object or credential tra
 between processes. Credentials come from the usual provider chains and are never
 printed or logged. Transient errors are retried with backoff (`retry`); single objects
 are written whole, and folders are downloaded into a temporary sibling and renamed, so
-readers never see half a file or half a folder.
+readers never see half a file or half a folder. `write_bytes(..., create_only=True)` is
+the commit primitive: it never replaces an object that is already there.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 60.0
 CHECK_TIMEOUT_S = 12.0
+
+# Retry budget of `retry` (read at call time, so tests may lower them) and the attempts
+# botocore makes itself inside each of ours (read when a Storage is opened).
+RETRY_ATTEMPTS = 5
+RETRY_BASE_DELAY_S = 0.2
+S3_CLIENT_ATTEMPTS = 3
 
 # Environment a Ray worker needs to reach the same storage: endpoints and switches, never secrets.
 WORKER_ENV_VARS = (
@@ -105,7 +112,7 @@ def _s3_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
         config_kwargs={
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": READ_TIMEOUT_S,
-            "retries": {"max_attempts": 3, "mode": "standard"},
+            "retries": {"max_attempts": S3_CLIENT_ATTEMPTS, "mode": "standard"},
         },
     )
 
@@ -181,11 +188,51 @@ class Storage:
     def read_bytes(self, path: str) -> bytes:
         return retry(self.fs.cat_file, path, what=f"read {path}")
 
-    def write_bytes(self, path: str, data: bytes) -> None:
+    def write_bytes(self, path: str, data: bytes, create_only: bool = False) -> None:
+        """Write one whole object. With create_only, raise FileExistsError instead of
+        replacing an object that is already there (different bytes), atomically at the store:
+
+        - local: a fsynced temporary sibling hard-linked to the name (link fails if it exists);
+        - S3: `PutObject` with `If-None-Match: *` (s3fs mode="create"; a 412 is FileExistsError);
+        - GCS: upload with `ifGenerationMatch=0` (gcsfs mode="create"; a 412 is FileExistsError).
+
+        An object that already holds exactly `data` counts as written: a retried request
+        whose first answer was lost (ours, or botocore's own retry) must not fail because
+        its first try landed. Remote writes also look before writing: that keeps stores
+        that ignore the precondition (gcp-storage-emulator ignores ifGenerationMatch, see
+        tests/test_storage_faults.py) create-only for writers that don't race; on real S3
+        and GCS the conditional request is what makes it atomic."""
         if self.is_local:
-            _atomic_local_write(path, lambda tmp: Path(tmp).write_bytes(data))
+            if create_only:
+                _exclusive_local_write(path, data)
+            else:
+                _atomic_local_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        elif create_only:
+            retry(self._create_object, path, data, what=f"create {path}")
         else:
             retry(self.fs.pipe_file, path, data, what=f"write {path}")
+
+    def _create_object(self, path: str, data: bytes) -> None:
+        held = self._holds(path, data)
+        if held is False:
+            raise FileExistsError(errno.EEXIST, "already exists (create-only write)", path)
+        if held:
+            return
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            if not self._holds(path, data):
+                raise FileExistsError(errno.EEXIST, "already exists (create-only write)", path) from None
+
+    def _holds(self, path: str, data: bytes) -> bool | None:
+        """None when nothing is stored at path, else whether it holds exactly data."""
+        try:
+            info = self.fs.info(path)
+        except FileNotFoundError:
+            return None
+        if info.get("type") != "file" or info.get("size") != len(data):
+            return False
+        return self.fs.cat_file(path) == data
 
     def put_file(self, local_path: str | os.PathLike, path: str) -> None:
         if self.is_local:
@@ -317,12 +364,19 @@ _TRANSIENT_CODES = {
 
 
 def retry(
-    fn: Callable[..., T], *args: Any, attempts: int = 5, base_delay: float = 0.2, what: str = "", **kwargs: Any
+    fn: Callable[..., T],
+    *args: Any,
+    attempts: int | None = None,
+    base_delay: float | None = None,
+    what: str = "",
+    **kwargs: Any,
 ) -> T:
     """Call fn(*args, **kwargs), retrying transient storage errors with exponential backoff
-    and jitter; other errors, and the last transient one, propagate unchanged."""
+    and jitter; other errors (FileExistsError included), and the last transient one,
+    propagate unchanged. Defaults: RETRY_ATTEMPTS, RETRY_BASE_DELAY_S."""
     what = what or getattr(fn, "__name__", "storage call")
-    attempts = max(1, attempts)
+    attempts = max(1, RETRY_ATTEMPTS if attempts is None else attempts)
+    base_delay = RETRY_BASE_DELAY_S if base_delay is None else base_delay
     for attempt in range(1, attempts + 1):
         try:
             return fn(*args, **kwargs)
@@ -405,6 +459,69 @@ def _atomic_local_write(path: str, write: Callable[[str], Any]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _exclusive_local_write(path: str, data: bytes) -> None:
+    """Create path holding data, or raise FileExistsError when it exists with other bytes.
+    The bytes go to a fsynced temporary sibling that is then hard-linked to the final name
+    (link never replaces), so no reader ever sees a partial file under that name."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if _local_holds(path, data):
+                return
+            raise FileExistsError(errno.EEXIST, "already exists (create-only write)", path) from None
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # No hard links here (some network or FUSE filesystems): O_EXCL still decides
+            # who creates the name, but a reader may see it before its bytes are complete.
+            _exclusive_create(path, data)
+        _fsync_dir(folder)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def _exclusive_create(path: str, data: bytes) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        if _local_holds(path, data):
+            return
+        raise FileExistsError(errno.EEXIST, "already exists (create-only write)", path) from None
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _local_holds(path: str, data: bytes) -> bool:
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) == len(data) and Path(path).read_bytes() == data
+    except OSError:
+        return False
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # not every filesystem syncs folders
+    finally:
+        os.close(fd)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:

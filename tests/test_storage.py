@@ -437,6 +437,24 @@ def test_retry_gives_up_with_the_last_error():
     assert len(calls) == 3
 
 
+def test_retry_budget_defaults_come_from_the_module(monkeypatch):
+    """Tests (and tuning) lower the budget in one place; explicit arguments still win."""
+    monkeypatch.setattr(storage_module, "RETRY_ATTEMPTS", 2)
+    monkeypatch.setattr(storage_module, "RETRY_BASE_DELAY_S", 0.001)
+    calls = []
+
+    def always_down():
+        calls.append(1)
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        retry(always_down)
+    assert len(calls) == 2
+    with pytest.raises(ConnectionError):
+        retry(always_down, attempts=3)
+    assert len(calls) == 5
+
+
 def test_transient_classification():
     from botocore.exceptions import ClientError, EndpointConnectionError
     from gcsfs.retry import HttpError
