@@ -78,8 +78,11 @@ def write_local(
 ) -> None:
     """Write the payload files (not meta.json) into a local folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    # clone: safetensors refuses shared or non-contiguous storage, and GPU tensors must come home
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}, folder / MODEL_FILE)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+    storages = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
+    if len(storages) != len(set(storages)):  # safetensors refuses tensors that share memory
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    save_file(tensors, folder / MODEL_FILE)
     torch.save(train_state, folder / STATE_FILE)
     with open(folder / HISTORY_FILE, "w") as f:
         for record in history:

@@ -1,7 +1,7 @@
 """Checkpoints leave the training loop at once and are committed in the background.
 
-Rank 0 writes a checkpoint into a local folder (fast: safetensors + torch.save on local
-disk) and hands the upload to one background thread; training goes on. One upload is in
+Rank 0 copies the training state in memory (the only part training waits for) and hands
+it to one background thread, which writes the folder, hashes it and uploads it. One upload is in
 flight at a time: a new checkpoint first waits for the previous one. A checkpoint is
 reported (to Ray, and so to Tune) only once it is committed, so Ray never points at a
 folder that isn't there; every rank makes that report together (the engine agrees on
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -38,20 +40,22 @@ class Committer:
     def __init__(self, job: JobConfig, session: Session, storage: Storage, run_path: str):
         self.job, self.session, self.storage, self.run_path = job, session, storage, run_path
         self.is_chief = session.rank == 0
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-commit") if self.is_chief else None
+        self.executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-commit", initializer=_lower_priority)
+            if self.is_chief else None
+        )
         self.pending: Pending | None = None
         self.last_committed: str | None = None  # rank 0: path of the newest checkpoint known committed
 
-    def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str, write: Callable[[Path], None]) -> None:
-        """Every rank calls this at the same step; rank 0 writes with `write(folder)` and starts the upload."""
+    def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str,
+             snapshot: Callable[[], tuple[dict, dict, list]]) -> None:
+        """Every rank calls this at the same step. Rank 0 takes `snapshot()` (model state, train
+        state, history: copies, so training may go on) and writes, hashes and uploads it in the background."""
         self.flush()
         upload = None
         if self.is_chief:
-            folder = Path(tempfile.mkdtemp(prefix="segjob-checkpoint-"))
-            write(folder)
-            meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
-                                         metrics=metrics, reason=reason)
-            upload = self.executor.submit(self._commit, folder, meta)
+            state = snapshot()
+            upload = self.executor.submit(self._write_and_commit, state, metrics, step, epoch, reason)
         self.pending = Pending(metrics, step, upload)
 
     def upload_finished_here(self) -> bool:
@@ -73,12 +77,17 @@ class Committer:
         if self.executor:
             self.executor.shutdown(wait=True)
 
-    def _commit(self, folder: Path, meta: dict[str, Any]) -> str | None:
+    def _write_and_commit(self, state: tuple[dict, dict, list], metrics: dict[str, Any], step: int, epoch: int,
+                          reason: str) -> str | None:
+        folder = Path(tempfile.mkdtemp(prefix="segjob-checkpoint-"))
         try:
+            checkpoint.write_local(folder, *state)
+            meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
+                                         metrics=metrics, reason=reason)
             info = checkpoint.commit(self.storage, self.run_path, folder, meta)
         except Exception as error:  # storage errors come in many types; none may stop training
             log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, the next checkpoint tries again",
-                        meta["step"], type(error).__name__, error)
+                        step, type(error).__name__, error)
             return None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -88,5 +97,13 @@ class Committer:
             if removed:
                 log.debug("retention removed %s", ", ".join(removed))
         except Exception as error:
-            log.warning("retention after step %d failed (%s); old checkpoints stay for now", meta["step"], error)
+            log.warning("retention after step %d failed (%s); old checkpoints stay for now", step, error)
         return info.path
+
+
+def _lower_priority() -> None:
+    """Let training threads win the CPU over hashing and uploading (Linux sets nice per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # other platforms, or not permitted: run at normal priority
+        pass

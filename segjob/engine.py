@@ -18,7 +18,6 @@ import json
 import logging
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -374,12 +373,13 @@ def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, wait: 
     if worker.is_chief:
         worker.history.append({**metrics, "checkpoint": reason})
     progress = worker.progress
-    worker.committer.save(metrics, progress.step, progress.epoch, reason, write=lambda folder: write_payload(worker, folder))
+    worker.committer.save(metrics, progress.step, progress.epoch, reason, snapshot=lambda: snapshot(worker))
     if wait:
         worker.committer.flush()
 
 
-def write_payload(worker: Worker, folder: Path) -> None:
+def snapshot(worker: Worker) -> tuple[dict, dict, list]:
+    """Copies of everything a checkpoint holds, taken between steps; training may change the originals next."""
     train_state = {
         "optimizer": worker.optimizer.state_dict(),
         "schedule": worker.schedule.state_dict(),
@@ -387,7 +387,17 @@ def write_payload(worker: Worker, folder: Path) -> None:
         "rng": rng_state(),
         "progress": dataclasses.asdict(worker.progress),
     }
-    checkpoint.write_local(folder, worker.model.state_dict(), train_state, worker.history)
+    return cpu_copy(worker.model.state_dict()), cpu_copy(train_state), list(worker.history)
+
+
+def cpu_copy(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {key: cpu_copy(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(cpu_copy(value) for value in tree)
+    return tree
 
 
 def last_checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
