@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .config import load_job, resolve_local_paths
+from .config import add_job_arguments, load_job, resolve_local_paths
 from .constants import IGNORE_INDEX
 from .data import build_datasets
 from .errors import UserError, exits_cleanly_on_user_error, setup_logging
@@ -28,9 +28,7 @@ log = logging.getLogger("segjob")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segjob.check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", help="job YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job key (repeatable)")
+    add_job_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="check only the first N samples of each split")
     return parser.parse_args(argv)
 

@@ -9,6 +9,7 @@ Families with their own options (datasets, models) are unions told apart by `nam
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 from pathlib import Path
@@ -190,6 +191,13 @@ class JobConfig(Section):
 
 
 # --- loading ----------------------------------------------------------------------------
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The job file and its --set overrides, the same for every command that takes a job."""
+    parser.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a job key, e.g. --set train.epochs=3 (repeatable)")
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:

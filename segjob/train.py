@@ -15,7 +15,7 @@ import logging
 import time
 
 from . import checkpoint, runs
-from .config import JobConfig, load_job, resolve_local_paths
+from .config import JobConfig, add_job_arguments, load_job, resolve_local_paths
 from .data import build_datasets
 from .errors import exits_cleanly_on_user_error, setup_logging
 from .storage import Storage, open_storage
@@ -25,9 +25,7 @@ log = logging.getLogger("segjob")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segjob.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", help="job YAML file, e.g. jobs/quickstart.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a job key, e.g. --set train.epochs=3 (repeatable)")
+    add_job_arguments(parser)
     parser.add_argument("--restart", action="store_true",
                         help="start a fresh run beside an existing one (named <name>-rN); the old run is kept")
     return parser.parse_args(argv)
