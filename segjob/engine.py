@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
@@ -34,8 +33,8 @@ from .constants import IGNORE_INDEX
 from .data import build_datasets
 from .data.sampler import EvalBatchSampler, TrainBatchSampler
 from .errors import UserError
-from .losses import build_loss
-from .metrics import ConfusionMatrix
+from .losses import build_loss, output_channels
+from .metrics import ConfusionMatrix, predict_labels
 from .models import create_model
 from .optim import Schedule, build_optimizer, current_lr
 from .runs import DONE_FILE
@@ -119,14 +118,14 @@ def setup(job: JobConfig, session: Session) -> Worker:
     train_set, val_set = build_datasets(job.data, job.seed)
     num_classes = len(train_set.class_names)
 
-    model = create_model(job.model, train_set.in_channels, num_classes).to(session.device)
+    model = create_model(job.model, train_set.in_channels, output_channels(job.loss, num_classes)).to(session.device)
     optimizer = build_optimizer(job.optim, model.parameters())
     steps_per_epoch = train_sampler(job, session, train_set, epoch=0).steps_per_epoch // job.train.grad_accum_steps
     schedule = Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * job.train.epochs)
     scaler = torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16")
 
     worker = Worker(
-        job, session, storage, run_path, model, model, build_loss(job.loss, num_classes).to(session.device),
+        job, session, storage, run_path, model, model, build_loss(job.loss, num_classes, train_set).to(session.device),
         optimizer, schedule, scaler, train_set, val_set, Progress(), [],
         Committer(job, session, storage, run_path), None,
     )
@@ -218,7 +217,7 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         sync = contextlib.nullcontext() if steps_now or session.world_size == 1 else worker.train_model.no_sync()
         with sync:
             with autocast(worker):
-                loss = worker.loss_fn(worker.train_model(images), masks)
+                loss = training_loss(worker, worker.train_model(images), masks)
             worker.scaler.scale(loss / accumulate).backward()
         loss_sum += loss.detach()
         micro_batches += 1
@@ -265,6 +264,16 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     return metrics
 
 
+def training_loss(worker: Worker, outputs: torch.Tensor | dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """The job's loss; a model with an auxiliary head (PSPNet) adds aux_weight x the same loss on it."""
+    if not isinstance(outputs, dict):
+        return worker.loss_fn(outputs, targets)
+    loss = worker.loss_fn(outputs["out"], targets)
+    if "aux" in outputs:
+        loss = loss + getattr(worker.job.model, "aux_weight", 0.0) * worker.loss_fn(outputs["aux"], targets)
+    return loss
+
+
 def autocast(worker: Worker):
     amp = worker.job.train.amp
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -287,7 +296,8 @@ def evaluate(worker: Worker) -> dict[str, float]:
     num_classes = len(worker.val_set.class_names)
     sampler = EvalBatchSampler(len(worker.val_set), worker.job.train.batch_size, session.rank, session.world_size)
     matrix = ConfusionMatrix(num_classes, device=worker.device)
-    # loss sum, labelled pixels, samples
+    threshold = getattr(worker.job.loss, "threshold", 0.5)
+    # loss x labelled pixels, labelled pixels, samples
     totals = torch.zeros(3, dtype=torch.float64, device=worker.device)
     # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
     model = worker.model
@@ -297,10 +307,12 @@ def evaluate(worker: Worker) -> dict[str, float]:
         masks = masks.to(worker.device, non_blocking=True)
         with autocast(worker):
             logits = model(images)
-        totals[0] += F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum").double()
-        totals[1] += (masks != IGNORE_INDEX).sum()
+        labelled = (masks != IGNORE_INDEX).sum()
+        # the job's own loss (the one training minimises), weighted by the pixels it averaged over
+        totals[0] += worker.loss_fn(logits, masks).double() * labelled
+        totals[1] += labelled
         totals[2] += images.shape[0]
-        matrix.update(masks, logits.argmax(dim=1))
+        matrix.update(masks, predict_labels(logits, threshold))
     model.train()
     matrix.all_reduce()
     if dist.is_available() and dist.is_initialized():

@@ -94,10 +94,15 @@ LOSSES: dict[str, LossEntry] = {
 }
 
 
-def build_loss(cfg: LossConfig, num_classes: int) -> nn.Module:
+def build_loss(cfg: LossConfig, num_classes: int, train_set: Any = None) -> nn.Module:
     entry = LOSSES.get(cfg.name)
     if entry is None:
         hint = difflib.get_close_matches(str(cfg.name), LOSSES, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         raise UserError(f"loss.name: unknown loss '{cfg.name}'{suggestion}; valid: {', '.join(sorted(LOSSES))}")
     return entry.build(cfg, num_classes)
+
+
+def output_channels(cfg: LossConfig, num_classes: int) -> int:
+    """Channels the model must output for this loss: num_classes (softmax losses)."""
+    return num_classes

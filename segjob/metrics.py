@@ -115,3 +115,10 @@ class ConfusionMatrix:
         for name, dice in zip(class_names, stats["dice"].tolist()):
             result[f"{prefix}/dice/{name}"] = dice
         return result
+
+
+def predict_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Label maps int64 [N,H,W] from logits [N,C,H,W]: argmax, or sigmoid > threshold for one channel."""
+    if logits.shape[1] == 1:
+        return (torch.sigmoid(logits[:, 0].float()) > threshold).long()
+    return logits.argmax(dim=1)

@@ -1,6 +1,7 @@
 """The engine in one plain process (no Ray): it trains, checkpoints, and resumes exactly."""
 
 import json
+import types
 
 import pytest
 import torch
@@ -153,3 +154,15 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
     bigger = bigger.model_copy(update={"model": bigger.model.model_copy(update={"base_channels": 8})})
     with pytest.raises(UserError, match="no usable checkpoint .* weights don't fit this job's model"):
         engine.setup(bigger, LocalSession("cpu"))
+
+
+def test_an_auxiliary_head_adds_its_weighted_loss():
+    """PSPNet-style outputs: loss(out) + aux_weight x loss(aux), with the job's own loss for both."""
+    job = types.SimpleNamespace(model=types.SimpleNamespace(aux_weight=0.4))
+    worker = types.SimpleNamespace(job=job, loss_fn=torch.nn.CrossEntropyLoss())
+    generator = torch.Generator().manual_seed(0)
+    out, aux = torch.randn(2, 3, 5, 5, generator=generator), torch.randn(2, 3, 5, 5, generator=generator)
+    target = torch.randint(0, 3, (2, 5, 5), generator=generator)
+    expected = worker.loss_fn(out, target) + job.model.aux_weight * worker.loss_fn(aux, target)
+    torch.testing.assert_close(engine.training_loss(worker, {"out": out, "aux": aux}, target), expected)
+    torch.testing.assert_close(engine.training_loss(worker, out, target), worker.loss_fn(out, target))
