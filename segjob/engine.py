@@ -31,6 +31,8 @@ from .commits import Committer
 from .config import JobConfig
 from .constants import IGNORE_INDEX
 from .data import build_datasets
+from .data.base import mix_seed
+from .data.mixing import BatchMixer, build_mixer
 from .data.sampler import EvalBatchSampler, TrainBatchSampler
 from .errors import UserError
 from .losses import build_loss, output_channels
@@ -71,6 +73,7 @@ class Worker:
     history: list[dict[str, Any]]
     committer: Committer
     watcher: preemption.PreemptionWatcher | None
+    mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
 
     @property
     def device(self) -> torch.device:
@@ -127,7 +130,7 @@ def setup(job: JobConfig, session: Session) -> Worker:
     worker = Worker(
         job, session, storage, run_path, model, model, build_loss(job.loss, num_classes, train_set).to(session.device),
         optimizer, schedule, scaler, train_set, val_set, Progress(), [],
-        Committer(job, session, storage, run_path), None,
+        Committer(job, session, storage, run_path), None, build_mixer(job.data, num_classes),
     )
     resume(worker)
     worker.watcher = preemption.PreemptionWatcher(job.preemption, getattr(session, "preemption_info", None))
@@ -213,6 +216,9 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     for micro, (images, masks) in enumerate(loader, start=1):
         images = images.to(worker.device, non_blocking=True)
         masks = masks.to(worker.device, non_blocking=True)
+        if worker.mixer:
+            # seeded by where this batch sits in the run, so a resumed run mixes it the same way
+            images, masks = worker.mixer(images, masks, seed=mix_seed(job.seed, epoch, progress.position, session.rank))
         steps_now = micro % accumulate == 0
         sync = contextlib.nullcontext() if steps_now or session.world_size == 1 else worker.train_model.no_sync()
         with sync:

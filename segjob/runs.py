@@ -21,6 +21,8 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import ValidationError
+
 from .config import JobConfig
 from .errors import UserError
 from .storage import Storage
@@ -35,8 +37,8 @@ DONE_FILE = "done.json"
 MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.checkpoint_every_steps", "train.log_every_steps",
     "scaling.", "storage.uri", "storage.endpoint_url", "storage.keep_best", "failure.", "preemption.",
-    "data.root", "data.loader_workers",
-)
+    "data.loader_workers", "data.endpoint_url",
+)  # plus every file path of the data and model sections (moved data is the same data)
 
 HEARTBEAT_S = 15.0
 LEASE_STALE_S = 60.0  # four missed heartbeats
@@ -51,15 +53,33 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def changed_keys(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def changed_keys(recorded: dict[str, Any], current: dict[str, Any], path_keys: tuple[str, ...] = ()) -> list[str]:
     """Keys whose values differ and that may not change on resume."""
     old, new = flatten(recorded), flatten(current)
     differing = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
-    return [key for key in differing if not may_change_on_resume(key)]
+    return [key for key in differing if not may_change_on_resume(key) and key not in path_keys]
 
 
 def may_change_on_resume(key: str) -> bool:
     return any(key.startswith(allowed) if allowed.endswith(".") else key == allowed for allowed in MAY_CHANGE_ON_RESUME)
+
+
+def file_path_keys(job: JobConfig) -> tuple[str, ...]:
+    """data.root, data.path, model.encoder_weights, ...: where files live, not what they hold."""
+    keys = []
+    for section in ("data", "model"):
+        config = getattr(job, section)
+        keys += [f"{section}.{key}" for key in (config.path_keys() if hasattr(config, "path_keys") else ())]
+    return tuple(keys)
+
+
+def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A job recorded by an older segjob, with the keys added since at their defaults
+    (a new option is not a change); as recorded when it no longer validates."""
+    try:
+        return JobConfig.model_validate(recorded).model_dump(mode="json")
+    except ValidationError:
+        return recorded
 
 
 def check_same_job(storage: Storage, run_path: str, job: JobConfig, job_file: str) -> None:
@@ -70,7 +90,8 @@ def check_same_job(storage: Storage, run_path: str, job: JobConfig, job_file: st
     except FileNotFoundError:
         storage.write_bytes(f"{run_path}/{JOB_FILE}", json.dumps(current, indent=1).encode())
         return
-    differing = changed_keys(recorded, current)
+    recorded = with_defaults(recorded)
+    differing = changed_keys(recorded, current, file_path_keys(job))
     if differing:
         shown = ", ".join(f"{key} ({flatten(recorded).get(key)!r} -> {flatten(current).get(key)!r})" for key in differing[:4])
         more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""

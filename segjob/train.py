@@ -16,7 +16,7 @@ import time
 
 from . import checkpoint, runs
 from .config import JobConfig, add_job_arguments, load_job, resolve_local_paths
-from .data import build_datasets
+from .check import preflight
 from .errors import exits_cleanly_on_user_error, setup_logging
 from .storage import Storage, open_storage
 
@@ -28,14 +28,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_job_arguments(parser)
     parser.add_argument("--restart", action="store_true",
                         help="start a fresh run beside an existing one (named <name>-rN); the old run is kept")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave out the samples the data check finds bad (added to data.exclude) instead of refusing to start")
     return parser.parse_args(argv)
 
 
-def prepare(job: JobConfig) -> tuple[Storage, str]:
-    """Check storage and data before anything starts."""
+def prepare(job: JobConfig, skip_bad: bool = False) -> tuple[Storage, str]:
+    """Check storage and every data sample before anything starts (see segjob.check).
+    With skip_bad, bad samples go into job.data.exclude, which the workers then leave out."""
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     storage.check()
-    build_datasets(job.data, job.seed)  # finds a missing dataset folder before any worker starts
+    preflight(job, skip_bad)
     return storage, storage.path(job.name)
 
 
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     job = resolve_local_paths(load_job(args.job, args.overrides))
-    storage, run_path = prepare(job)
+    storage, run_path = prepare(job, skip_bad=args.skip_bad)
     if args.restart and storage.list_dirs(run_path):
         fresh = runs.fresh_run_name(storage, job.name)
         log.info("--restart: starting run '%s' beside '%s', which is kept as it is", fresh, job.name)

@@ -38,9 +38,9 @@ def synthetic(seed: int = 0, **options) -> tuple:
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(UserError, match="unknown dataset 'voc'.*pets, synthetic"):
-        build_datasets(SimpleNamespace(name="voc"), seed=0)
-    assert set(DATASETS) == {"synthetic", "pets"}
+    with pytest.raises(UserError, match="unknown dataset 'vok'; valid: camvid, folder, leaf, nyuv2, pets, synthetic, voc"):
+        build_datasets(SimpleNamespace(name="vok"), seed=0)
+    assert set(DATASETS) == {"synthetic", "pets", "voc", "camvid", "nyuv2", "leaf", "folder"}
 
 
 def test_mix_seed_is_stable():
@@ -127,6 +127,27 @@ def test_training_samples_depend_only_on_seed_epoch_index():
 
     differs = [not torch.equal(direct[i][0], direct[16 + i][0]) for i in range(16)]
     assert any(differs) and not all(differs)  # hflip 0.5: some samples flip in one epoch only
+
+
+def test_augmented_samples_are_the_same_in_any_loader_process(tmp_path):
+    """Resume is exact only if a sample's augmentation depends on (seed, epoch, index) alone."""
+    write_tiny_pets(tmp_path)
+    augment = AugmentConfig(strength=1.0, scale=(0.5, 2.0), rotation=10)
+    train, _ = build_datasets(PetsData(root=str(tmp_path), split="official", image_size=32, augment=augment), seed=0)
+    keys = [(epoch, index) for epoch in (0, 1) for index in range(3)]
+    direct = [train[key] for key in reversed(keys)][::-1]
+    for workers in (0, 2):
+        loader = DataLoader(train, batch_sampler=[keys[:3], keys[3:]], num_workers=workers)
+        images, masks = (torch.cat(parts) for parts in zip(*loader))
+        assert torch.equal(images, torch.stack([image for image, _ in direct]))
+        assert torch.equal(masks, torch.stack([mask for _, mask in direct]))
+    assert not torch.equal(direct[0][0], direct[3][0])  # epochs differ
+
+
+def test_every_dataset_has_a_colour_per_class(tmp_path):
+    write_tiny_pets(tmp_path)
+    for dataset in (*synthetic(num_classes=5), *build_datasets(PetsData(root=str(tmp_path)), seed=0)):
+        assert len(dataset.palette) == dataset.num_classes and len(set(dataset.palette)) == dataset.num_classes
 
 
 def test_hflip_moves_image_and_mask_together():
@@ -229,7 +250,8 @@ def test_real_pets_random_split(real_pets):
 
 @pytest.mark.parametrize("classes, expected", [("trimap", {1: 1, 2: 0, 3: 2}), ("binary", {1: 1, 2: 0, 3: 1})])
 def test_real_pets_class_mapping_matches_the_raw_trimap(real_pets, classes, expected):
-    _, val = build_datasets(PetsData(root=str(real_pets), split="official", classes=classes), seed=0)
+    # image_size 640 covers every Pet photo: no reduced-size decoding, so the mask keeps the trimap's grid
+    _, val = build_datasets(PetsData(root=str(real_pets), split="official", classes=classes, image_size=640), seed=0)
     for index in (0, len(val) - 1):
         raw = np.asarray(Image.open(real_pets / "annotations/trimaps" / f"{val.sample_name(index)}.png"))
         mask = val.load(index)["mask"].numpy()
@@ -284,9 +306,10 @@ def test_tiny_pets_loads_quirky_files(tmp_path):
 def test_tiny_pets_decodes_large_jpegs_at_reduced_size(tmp_path):
     write_tiny_pets(tmp_path, large=True)
     train, _ = build_datasets(PetsData(root=str(tmp_path), split="official", image_size=64), seed=0)
-    image = train.load(1)["image"]  # 300 x 400 on disk
-    assert image.shape == (3, 75, 100)  # decoded at 1/4, still covering 64 x 64
-    assert train.load(1)["mask"].shape == (300, 400)
+    sample = train.load(1)  # 300 x 400 on disk
+    assert sample["image"].shape == (3, 75, 100)  # decoded at 1/4, still covering 64 x 64
+    assert sample["mask"].shape == (75, 100)  # the trimap resampled (nearest) onto the decoded grid
+    assert set(sample["mask"].unique().tolist()) == {0, 1, 2}
     assert train[1][0].shape == (3, 64, 64)
 
 
@@ -298,13 +321,17 @@ def test_tiny_pets_random_split_uses_both_lists(tmp_path):
     assert names == {"Abyssinian_1", "Abyssinian_2", "Bengal_1", "Bengal_2", "Beagle_1"}
 
 
-@pytest.mark.parametrize("missing", ["images/Bengal_1.jpg", "annotations/trimaps/Beagle_1.png"])
-def test_tiny_pets_missing_file_names_the_sample(tmp_path, missing):
+@pytest.mark.parametrize("missing, kind", [("images/Bengal_1.jpg", "image"), ("annotations/trimaps/Beagle_1.png", "trimap")])
+def test_tiny_pets_missing_file_names_the_sample(tmp_path, missing, kind):
     write_tiny_pets(tmp_path)
     (tmp_path / missing).unlink()
     sample = Path(missing).stem
-    with pytest.raises(UserError, match=f"'{sample}'.*{Path(missing).name}") as error:
-        build_datasets(PetsData(root=str(tmp_path)), seed=0)
+    train, val = build_datasets(PetsData(root=str(tmp_path), split="official"), seed=0)  # the check reports it
+    dataset = train if sample in train.names else val
+    index = dataset.names.index(sample)
+    assert [finding.message for finding in dataset.inspect(index)] == [f"{kind} {tmp_path / missing} is missing"]
+    with pytest.raises(UserError, match=f"pets sample '{sample}': cannot read .*{Path(missing).name}") as error:
+        dataset[index]
     assert "\n" not in str(error.value)
 
 

@@ -12,11 +12,12 @@ from segjob.session import LocalSession
 from segjob.storage import open_storage
 
 
-def tiny_job(storage_uri: str, **train) -> JobConfig:
+def tiny_job(storage_uri: str, data: dict | None = None, **train) -> JobConfig:
     return JobConfig.model_validate({
         "name": "tiny",
         "seed": 3,
-        "data": {"name": "synthetic", "num_classes": 3, "train_samples": 48, "val_samples": 10, "image_size": 32},
+        "data": {"name": "synthetic", "num_classes": 3, "train_samples": 48, "val_samples": 10, "image_size": 32}
+        | (data or {}),
         "model": {"name": "unet", "base_channels": 4, "depth": 2},
         "optim": {"name": "adam", "lr": 0.01, "schedule": {"name": "poly"}},
         "train": {"epochs": 2, "batch_size": 8, "checkpoint_every_steps": 4, "log_every_steps": 1} | train,
@@ -166,3 +167,17 @@ def test_an_auxiliary_head_adds_its_weighted_loss():
     expected = worker.loss_fn(out, target) + job.model.aux_weight * worker.loss_fn(aux, target)
     torch.testing.assert_close(engine.training_loss(worker, {"out": out, "aux": aux}, target), expected)
     torch.testing.assert_close(engine.training_loss(worker, out, target), worker.loss_fn(out, target))
+
+
+def test_mixup_and_cutmix_batches_train_and_resume_exactly(reference, tmp_path):
+    """Mixed batches (soft targets) train, and a resumed run mixes each batch as the uninterrupted one did."""
+    mixing = {"mixing": {"mixup": 0.5, "cutmix": 0.5, "alpha": 1.0}}
+    engine.run(tiny_job(str(tmp_path / "whole"), data=mixing), LocalSession("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        engine.run(tiny_job(str(tmp_path / "cut"), data=mixing), CrashAfter(reports=2))
+    engine.run(tiny_job(str(tmp_path / "cut"), data=mixing), LocalSession("cpu"))
+    expected, actual = final_weights(str(tmp_path / "whole")), final_weights(str(tmp_path / "cut"))
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    unmixed = final_weights(reference[0])
+    assert any(not torch.equal(unmixed[name], expected[name]) for name in expected), "the job's mixing changed nothing"

@@ -42,6 +42,16 @@ def test_a_resubmission_that_changes_the_result_is_refused_naming_the_keys(stora
     assert "model.depth (4 -> 3)" in message and "optim.lr (0.001 -> 0.5)" in message and "--restart" in message
 
 
+def test_moved_data_and_options_added_since_are_not_changes(storage):
+    path = storage.path("run")
+    pets = {"name": "pets", "root": "/data/old/oxford-iiit-pet"}
+    runs.check_same_job(storage, path, job(data=pets), "job.yaml")
+    recorded = json.loads(storage.read_bytes(f"{path}/{runs.JOB_FILE}"))
+    del recorded["train"]["amp"]  # as if recorded by a segjob from before the option existed
+    storage.write_bytes(f"{path}/{runs.JOB_FILE}", json.dumps(recorded).encode())
+    runs.check_same_job(storage, path, job(data={**pets, "root": "/mnt/pets"}), "job.yaml")
+
+
 def test_restart_names_a_fresh_run_beside_the_old(storage):
     runs.check_same_job(storage, storage.path("run"), job(), "j")
     assert runs.fresh_run_name(storage, "run") == "run-r2"

@@ -1,5 +1,9 @@
 """Datasets by name: `build_datasets(job.data, job.seed)` returns (train, val).
 
+    train, val = build_datasets(job.data, job.seed)
+    image, target = train[(epoch, index)]     # augmented, seeded by (seed, epoch, index)
+    findings = val.inspect(index)             # what `python -m segjob.check` reports
+
 Each dataset module contributes one entry (its config class and a `build(cfg, seed)`);
 a new dataset is a module plus one line in DATASETS.
 """
@@ -9,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import DataBase, PetsData, SyntheticData
+from ..config import CamVidData, DataBase, FolderData, LeafData, NYUv2Data, PetsData, SyntheticData, VOCData
 from ..errors import UserError
-from . import pets, synthetic
+from . import camvid, folder, leaf, nyuv2, pets, synthetic, voc
 from .base import SegmentationDataset
 
 __all__ = ["DATASETS", "DatasetEntry", "SegmentationDataset", "build_datasets"]
@@ -29,6 +33,11 @@ DATASETS: dict[str, DatasetEntry] = {
     for entry in (
         DatasetEntry("synthetic", SyntheticData, synthetic.build),
         DatasetEntry("pets", PetsData, pets.build),
+        DatasetEntry("voc", VOCData, voc.build),
+        DatasetEntry("camvid", CamVidData, camvid.build),
+        DatasetEntry("nyuv2", NYUv2Data, nyuv2.build),
+        DatasetEntry("leaf", LeafData, leaf.build),
+        DatasetEntry("folder", FolderData, folder.build),
     )
 }
 

@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch.utils.data import Dataset
 
+from .files import Finding
+from .labels import default_palette
 from .transforms import JointTransform, Sample
 
 MASK64 = (1 << 64) - 1
@@ -51,11 +53,14 @@ def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class SegmentationDataset(Dataset, ABC):
-    """Pairs of (image float32 [C,H,W], ImageNet-normalised; mask int64 [H,W]).
+    """Pairs of (image float32 [C,H,W], normalised; target).
 
-    Mask values are 0..num_classes-1 or IGNORE_INDEX. Every sample of one dataset has the
-    same square size, so the default collate stacks them. Subclasses set class_names and
-    in_channels and implement load() and sample_name().
+    The target is int64 [H,W] labels 0..num_classes-1 or IGNORE_INDEX, or, where a dataset
+    trains on soft labels, float32 [K,H,W] class probabilities (all zero where ignored);
+    validation sets always give labels. C is in_channels: 3, or 4 with depth as the 4th
+    channel. Every sample of one dataset has the same square size, so the default collate
+    stacks them. Subclasses set class_names (and in_channels, palette) and implement
+    load(), sample_name() and inspect().
     """
 
     class_names: list[str]
@@ -70,16 +75,31 @@ class SegmentationDataset(Dataset, ABC):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        """One RGB colour per class, for figures and colour overlays."""
+        return default_palette(self.num_classes)
+
     @abstractmethod
     def __len__(self) -> int: ...
 
     @abstractmethod
     def load(self, index: int) -> Sample:
-        """The raw sample as tv_tensors: {"image": Image (uint8 or float 0..1), "mask": Mask}."""
+        """The raw sample as tv_tensors on one pixel grid: {"image": Image (uint8 or float 0..1),
+        "mask": Mask, optionally "depth": Depth}."""
 
     @abstractmethod
     def sample_name(self, index: int) -> str:
         """A short name for messages and reports (a file stem)."""
+
+    @abstractmethod
+    def inspect(self, index: int) -> list[Finding]:
+        """Everything wrong with sample `index`, each naming its file; [] when it is fine.
+        Reads the files fully (python -m segjob.check and the check before training call it)."""
+
+    def target(self, mask: torch.Tensor) -> torch.Tensor:
+        """The training target from the transformed mask: int64 labels (soft-label datasets override)."""
+        return mask.as_subclass(torch.Tensor).to(torch.int64)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = split_key(key)
@@ -88,8 +108,9 @@ class SegmentationDataset(Dataset, ABC):
         generator = sample_generator(self.seed, epoch, index) if self.train else None
         sample = self.transform(self.load(index), generator)
         image = sample["image"].as_subclass(torch.Tensor)
-        mask = sample["mask"].as_subclass(torch.Tensor).to(torch.int64)
-        return image, mask
+        if "depth" in sample:
+            image = torch.cat([image, sample["depth"].as_subclass(torch.Tensor)])
+        return image, self.target(sample["mask"])
 
     def __repr__(self) -> str:
         split = "train" if self.train else "val"

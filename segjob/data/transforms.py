@@ -1,19 +1,29 @@
-"""Joint transforms: a sample's image and mask (later a depth map) change together.
+"""Joint transforms: a sample's image, mask and depth map change together.
 
-A sample is a dict of tv_tensors, {"image": Image, "mask": Mask}. Every geometric step
-applies one operation to every entry, and the entry's type picks the resampling:
-bilinear for the image, nearest for everything else, so labels never blend. Random
-parameters are drawn once per step from the torch.Generator the dataset passes in, never
-from the global RNG (v2's own random transforms use it), so a sample's augmentation
-depends only on (seed, epoch, index), whichever worker process or rank loads it.
+    transform = build_transform(job.data, train=True)
+    sample = transform({"image": Image(uint8), "mask": Mask(labels)}, generator)
 
-`build_transform` turns the job's `data.augment` section into a list of steps. Later
-augmentations (scale, rotation, crop, colour jitter under one `strength`) are more steps
-in `augmentation_steps`; a step that pads fills masks with IGNORE_INDEX, images with 0.
+A sample is a dict of tv_tensors: "image" (Image), "mask" (Mask), optionally "depth"
+(Depth). Every geometric step applies one operation to every entry, and the entry's type
+picks the resampling: bilinear for the image, nearest for masks and depth, so labels never
+blend. Padding fills masks with IGNORE_INDEX, images and depth with 0. Photometric steps
+(photometric.py) touch the image only.
+
+Random parameters are drawn from the torch.Generator the dataset passes in, never from the
+global RNG (v2's own random transforms use it), so a sample's augmentation depends only on
+(seed, epoch, index), whichever worker process or rank loads it. Each random step draws the
+same number of values whatever it decides, so one step's outcome never shifts the draws of
+the steps after it.
+
+Training: one geometric step (zoom, rotation and crop to image_size, drawn together and done
+as one crop-then-resize, so the work is proportional to the output, not to the zoomed image),
+the flip, the photometric steps, normalisation. Evaluation: a deterministic resize (squash, or
+fit and pad), normalisation.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -22,11 +32,19 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from ..config import AugmentConfig, DataBase
+from ..constants import IGNORE_INDEX
+from .photometric import photometric_steps
 
-Sample = dict[str, torch.Tensor]  # "image": tv_tensors.Image, "mask": tv_tensors.Mask, later "depth"
+Sample = dict[str, torch.Tensor]  # "image": tv_tensors.Image, "mask": tv_tensors.Mask, optional "depth": Depth
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+class Depth(tv_tensors.Mask):
+    """A depth map [1, H, W] in metres. A Mask subclass, so every v2 kernel resamples it with
+    nearest (depth at an object's edge must not blend foreground and background); padded with 0,
+    which depth sensors use for "no reading"."""
 
 
 class Step(Protocol):
@@ -35,21 +53,15 @@ class Step(Protocol):
     def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample: ...
 
 
-def uniform(generator: torch.Generator) -> float:
-    """One draw in [0, 1) from the sample's own generator."""
-    return float(torch.rand((), generator=generator))
+def uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    """One draw in [low, high) from the sample's own generator."""
+    return low + (high - low) * float(torch.rand((), generator=generator))
 
 
-class Resize:
-    """Square resize without keeping the aspect ratio (the Pets recipe)."""
-
-    random = False
-
-    def __init__(self, size: int):
-        self.size = [size, size]
-
-    def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
-        return {key: resize(value, self.size) for key, value in sample.items()}
+def fill_for(value: torch.Tensor) -> float:
+    if isinstance(value, tv_tensors.Mask) and not isinstance(value, Depth):
+        return float(IGNORE_INDEX)
+    return 0.0
 
 
 def resize(value: torch.Tensor, size: list[int]) -> torch.Tensor:
@@ -57,7 +69,127 @@ def resize(value: torch.Tensor, size: list[int]) -> torch.Tensor:
         return value
     if isinstance(value, tv_tensors.Image):
         return F.resize(value, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    return F.resize(value, size, interpolation=InterpolationMode.NEAREST)  # labels (and depth) never blend
+    # nearest-exact samples at pixel centres, like bilinear, so labels stay on the image's grid
+    return F.resize(value, size, interpolation=InterpolationMode.NEAREST_EXACT)
+
+
+def pad(value: torch.Tensor, left: int, top: int, right: int, bottom: int) -> torch.Tensor:
+    if left == top == right == bottom == 0:
+        return value
+    return F.pad(value, [left, top, right, bottom], fill=fill_for(value))
+
+
+def spatial_size(sample: Sample) -> tuple[int, int]:
+    """(height, width), the same for every entry (datasets resample to the image's grid on load)."""
+    return tuple(sample["image"].shape[-2:])
+
+
+def base_factors(height: int, width: int, size: int, fit: bool) -> tuple[float, float]:
+    """(vertical, horizontal) factors that bring an image to `size`: both sides, or the longer one."""
+    if fit:
+        factor = size / max(height, width)
+        return factor, factor
+    return size / height, size / width
+
+
+class Resize:
+    """Deterministic resize to the job's size: squash to size x size, or fit the longer side."""
+
+    random = False
+
+    def __init__(self, size: int, fit: bool = False):
+        self.size, self.fit = size, fit
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
+        height, width = spatial_size(sample)
+        factor_y, factor_x = base_factors(height, width, self.size, self.fit)
+        target = [max(1, round(height * factor_y)), max(1, round(width * factor_x))]
+        return {key: resize(value, target) for key, value in sample.items()}
+
+
+class PadTo:
+    """Pad on the right and bottom to size x size (fit mode), so predictions crop back with [:h, :w]."""
+
+    random = False
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
+        height, width = spatial_size(sample)
+        right, bottom = max(0, self.size - width), max(0, self.size - height)
+        return {key: pad(value, 0, 0, right, bottom) for key, value in sample.items()}
+
+
+class RandomGeometry:
+    """Zoom, rotate and crop (or pad) to size x size, drawn once for the whole sample.
+
+    The output square is a window on the zoomed image at a random position (when the zoomed
+    image is smaller than the window, the image lands at a random place in it and the rest is
+    padding). For a rotation the window grows by |cos a| + |sin a| so the corners are filled
+    from the image, not from padding, where the image extends that far; it is rotated and
+    then cut back to the centre. Only the part of the source under the window is resized.
+    """
+
+    random = True
+
+    def __init__(self, size: int, fit: bool, scale: tuple[float, float], rotation: float):
+        self.size, self.fit, self.scale, self.rotation = size, fit, scale, rotation
+
+    def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
+        zoom = uniform(generator, *self.scale)
+        angle = uniform(generator, -self.rotation, self.rotation)
+        along_y, along_x = uniform(generator), uniform(generator)
+
+        height, width = spatial_size(sample)
+        factor_y, factor_x = base_factors(height, width, self.size, self.fit)
+        factor_y, factor_x = factor_y * zoom, factor_x * zoom
+        radians = math.radians(angle)
+        grow = abs(math.cos(radians)) + abs(math.sin(radians))
+        margin = math.ceil((self.size * grow - self.size) / 2) if angle else 0
+        window = self.size + 2 * margin
+        # window position in zoomed-image pixels: inside the image when it is larger, around it when smaller
+        top = _place(height * factor_y, self.size, along_y) - margin
+        left = _place(width * factor_x, self.size, along_x) - margin
+        rows = _covered(top, height, factor_y, window)
+        cols = _covered(left, width, factor_x, window)
+        out = {key: _crop_resize_pad(value, rows, cols, window) for key, value in sample.items()}
+        if angle:
+            out = {key: _rotate(value, angle) for key, value in out.items()}
+            out = {key: F.center_crop(value, [self.size, self.size]) for key, value in out.items()}
+        return out
+
+
+def _place(extent: float, size: int, fraction: float) -> float:
+    """Top (or left) of a size-long window on an extent-long image, at fraction of the free play."""
+    low, high = min(0.0, extent - size), max(0.0, extent - size)
+    return low + fraction * (high - low)
+
+
+def _covered(start: float, source: int, factor: float, window: int) -> tuple[int, int, int, int]:
+    """(first, end) source pixels under a window starting at `start` (zoomed pixels), and the
+    (first, end) window pixels they fill. Integers, so every entry gets identical operations."""
+    out_first = min(window, max(0, round(-start)))
+    out_end = max(out_first, min(window, round(source * factor - start)))
+    src_first = min(source - 1, max(0, round((out_first + start) / factor)))
+    src_end = max(src_first + 1, min(source, round((out_end + start) / factor)))
+    return src_first, src_end, out_first, out_end
+
+
+def _crop_resize_pad(value: torch.Tensor, rows: tuple, cols: tuple, window: int) -> torch.Tensor:
+    src_top, src_bottom, out_top, out_bottom = rows
+    src_left, src_right, out_left, out_right = cols
+    if out_bottom <= out_top or out_right <= out_left:  # the window misses the image (a tiny zoom): all padding
+        shape = (*value.shape[:-2], window, window)
+        return tv_tensors.wrap(torch.full(shape, fill_for(value), dtype=value.dtype), like=value)
+    part = F.crop(value, src_top, src_left, src_bottom - src_top, src_right - src_left)
+    part = resize(part, [out_bottom - out_top, out_right - out_left])
+    return pad(part, out_left, out_top, window - out_right, window - out_bottom)
+
+
+def _rotate(value: torch.Tensor, angle: float) -> torch.Tensor:
+    # Mask and Depth kernels always rotate with nearest; the image with bilinear
+    return F.rotate(value, angle, interpolation=InterpolationMode.BILINEAR, fill=fill_for(value))
 
 
 class RandomHorizontalFlip:
@@ -74,18 +206,26 @@ class RandomHorizontalFlip:
 
 
 class Normalize:
-    """Image to float, then ImageNet mean/std (what pretrained encoders expect)."""
+    """Image to float, then ImageNet mean/std (what pretrained encoders expect); depth to (d - mean) / std."""
 
     random = False
 
+    def __init__(self, depth_mean: float = 0.0, depth_std: float = 1.0):
+        self.depth_mean, self.depth_std = depth_mean, depth_std
+
     def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
         image = F.to_dtype(sample["image"], torch.float32, scale=True)  # uint8 0..255 -> 0..1; float kept
-        return {**sample, "image": F.normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD)}
+        out = {**sample, "image": F.normalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD)}
+        if "depth" in sample:
+            depth = sample["depth"].as_subclass(torch.Tensor).to(torch.float32)
+            out["depth"] = Depth((depth - self.depth_mean) / self.depth_std)
+        return out
 
 
 class JointTransform:
-    def __init__(self, steps: list[Step]):
+    def __init__(self, steps: list[Step], size: int, fit: bool, max_zoom: float = 1.0):
         self.steps = steps
+        self.size, self.fit, self.max_zoom = size, fit, max_zoom
         self.random = any(step.random for step in steps)
 
     def __call__(self, sample: Sample, generator: torch.Generator | None = None) -> Sample:
@@ -95,19 +235,41 @@ class JointTransform:
             sample = step(sample, generator)
         return sample
 
+    def decode_size(self, width: int, height: int) -> tuple[int, int]:
+        """The smallest (width, height) an image may be decoded at without losing output detail
+        (PIL's JPEG draft decodes at 1/2, 1/4 or 1/8 when that still covers it)."""
+        factor_y, factor_x = base_factors(height, width, self.size, self.fit)
+        return math.ceil(width * factor_x * self.max_zoom), math.ceil(height * factor_y * self.max_zoom)
+
     def __repr__(self) -> str:
         return f"JointTransform({[type(step).__name__ for step in self.steps]})"
 
 
-def augmentation_steps(augment: AugmentConfig) -> list[Step]:
-    """The random steps of a training transform, in the order they draw from the generator."""
-    return [RandomHorizontalFlip(augment.hflip)]
+def scaled_range(low: float, high: float, strength: float) -> tuple[float, float]:
+    """A zoom range moved toward 1 (no zoom) by strength: 0 gives (1, 1), 1 gives (low, high)."""
+    return 1.0 + strength * (low - 1.0), 1.0 + strength * (high - 1.0)
+
+
+def geometric_steps(augment: AugmentConfig, size: int, fit: bool) -> list[Step]:
+    """The training geometry: deterministic resize at strength 0, else one RandomGeometry; then the flip."""
+    zoom = scaled_range(*augment.scale, augment.strength)
+    rotation = augment.strength * augment.rotation
+    if zoom == (1.0, 1.0) and rotation == 0.0:
+        steps: list[Step] = [Resize(size, fit), RandomHorizontalFlip(augment.hflip)]
+        return steps + [PadTo(size)] if fit else steps
+    return [RandomGeometry(size, fit, zoom, rotation), RandomHorizontalFlip(augment.hflip)]
 
 
 def build_transform(cfg: DataBase, train: bool) -> JointTransform:
-    """Resize, augment (training only), normalise: every sample leaves image_size square."""
-    steps: list[Step] = [Resize(cfg.image_size)]  # first, so augmentation works on small tensors
+    """Training: geometry, flip, photometric, normalise. Evaluation: resize (and pad), normalise.
+    Every sample leaves image_size square; depth is normalised with the config's statistics
+    (RGB-D datasets carry depth_mean and depth_std)."""
+    fit = cfg.resize == "fit"
     if train:
-        steps += augmentation_steps(cfg.augment)
-    steps.append(Normalize())
-    return JointTransform(steps)
+        steps = geometric_steps(cfg.augment, cfg.image_size, fit) + photometric_steps(cfg.augment)
+        max_zoom = scaled_range(*cfg.augment.scale, cfg.augment.strength)[1]
+    else:
+        steps = [Resize(cfg.image_size, fit)] + ([PadTo(cfg.image_size)] if fit else [])
+        max_zoom = 1.0
+    steps.append(Normalize(getattr(cfg, "depth_mean", 0.0), getattr(cfg, "depth_std", 1.0)))
+    return JointTransform(steps, cfg.image_size, fit, max(1.0, max_zoom))
