@@ -1,12 +1,21 @@
 """Segmentation models, built by name from the job's `model` section.
 
-    model = create_model(job.model, in_channels=3, num_classes=4)
-    logits = model(images)   # [N, in_channels, H, W] -> [N, num_classes, H, W]
+    model = create_model(job.model, in_channels=4, out_channels=13)
+    logits = model(images)   # [N, 4, H, W] -> [N, 13, H, W]
 
 Every model returns logits at its input's resolution, for any H and W (odd sizes too,
-down to the architecture's minimum). Adding an architecture is one `ModelEntry` in
-`MODELS`: its name (the `name` tag of its config class in config.py), that class, and a
-builder taking (config, in_channels, num_classes).
+down to the architecture's minimum). PSPNet in training mode returns
+{"out": logits, "aux": aux_logits} instead; the engine adds model.aux_weight x the aux loss.
+
+    unet     encoder none: the plain seed U-Net (unet.py); else U-Net on a torchvision
+             encoder (encoder_unet.py), optional SE gates
+    pspnet   dilated encoder + pyramid pooling + auxiliary head (pspnet.py)
+    segnet   VGG16-BN with max-pool indices, un-pooling decoder (segnet.py)
+
+Encoders (encoders.py) are torchvision backbones built with weights=None; pretrained
+weights come only from model.encoder_weights (weights.py). Adding an architecture is one
+`ModelEntry` in `MODELS`: its name (the `name` tag of its config class in config.py),
+that class, and a builder taking (config, in_channels, out_channels).
 """
 
 from __future__ import annotations
@@ -15,13 +24,20 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from ..config import ModelConfig, UNetConfig
+from ..config import EncoderModelBase, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
 from ..errors import UserError
+from .backbone import Backbone
+from .encoder_unet import EncoderUNet
+from .encoders import ENCODERS, Encoder
+from .pspnet import PSPNet
+from .segnet import SegNet
 from .unet import UNet
+from .weights import load_encoder_weights
 
-__all__ = ["MODELS", "ModelEntry", "UNet", "create_model"]
+__all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet", "UNet", "create_model"]
 
 
 @dataclass(frozen=True)
@@ -36,19 +52,45 @@ class ModelEntry:
             raise ValueError(f"ModelEntry '{self.name}' is registered with a config whose name is '{tag}'")
 
 
-def _build_unet(cfg: UNetConfig, in_channels: int, num_classes: int) -> nn.Module:
-    return UNet(in_channels, num_classes, base_channels=cfg.base_channels, depth=cfg.depth)
+def _prepare_encoder(encoder: Backbone, cfg: EncoderModelBase) -> None:
+    """Pretrained weights, then freezing: the encoder options every encoder model shares."""
+    if cfg.encoder_weights:
+        load_encoder_weights(encoder, cfg.encoder_weights, cfg.extra_channel_init)
+    encoder.freeze(cfg.freeze_encoder)
+
+
+def _build_unet(cfg: UNetConfig, in_channels: int, out_channels: int) -> nn.Module:
+    se_reduction = cfg.se_reduction if cfg.se else None
+    if cfg.encoder == "none":
+        return UNet(in_channels, out_channels, base_channels=cfg.base_channels, depth=cfg.depth, se_reduction=se_reduction)
+    encoder = Encoder(cfg.encoder, in_channels)
+    _prepare_encoder(encoder, cfg)
+    return EncoderUNet(encoder, out_channels, cfg.decoder_channels, se_reduction=se_reduction)
+
+
+def _build_pspnet(cfg: PSPNetConfig, in_channels: int, out_channels: int) -> nn.Module:
+    encoder = Encoder(cfg.encoder, in_channels, output_stride=cfg.output_stride)
+    _prepare_encoder(encoder, cfg)
+    return PSPNet(encoder, out_channels, bins=cfg.bins, aux_head=cfg.aux_weight > 0, dropout=cfg.dropout)
+
+
+def _build_segnet(cfg: SegNetConfig, in_channels: int, out_channels: int) -> nn.Module:
+    model = SegNet(in_channels, out_channels, stages=cfg.stages, width=cfg.width, input_batchnorm=cfg.input_batchnorm)
+    _prepare_encoder(model.encoder, cfg)
+    return model
 
 
 MODELS: dict[str, ModelEntry] = {
     entry.name: entry
     for entry in (
         ModelEntry("unet", UNetConfig, _build_unet),
+        ModelEntry("pspnet", PSPNetConfig, _build_pspnet),
+        ModelEntry("segnet", SegNetConfig, _build_segnet),
     )
 }
 
 
-def create_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Module:
+def create_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
     entry = MODELS.get(cfg.name)
     if entry is None:
         hint = difflib.get_close_matches(str(cfg.name), MODELS, n=1)
@@ -56,4 +98,10 @@ def create_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> nn.Mod
         raise UserError(f"model.name: unknown model '{cfg.name}'{suggestion}; valid: {', '.join(sorted(MODELS))}")
     if not isinstance(cfg, entry.config_class):  # a programming error, not the user's
         raise TypeError(f"model '{cfg.name}' needs a {entry.config_class.__name__}, got {type(cfg).__name__}")
-    return entry.build(cfg, in_channels, num_classes)
+    model = entry.build(cfg, in_channels, out_channels)
+    if cfg.channels_last:
+        # NHWC weights are enough: convolutions follow their weights' layout, and so does every layer after
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.compile()  # in place: the state dict keeps its names (no "_orig_mod." prefix)
+    return model

@@ -1,9 +1,14 @@
-"""Building blocks shared by the decoders: the double conv, and skip/up-sample alignment.
+"""Building blocks shared by the decoders: conv-BN-ReLU, the double conv, the SE gate, and
+skip/up-sample alignment.
+
+    block = DoubleConv(128, 64)                 # (3x3 conv -> BN -> ReLU) x 2
+    gate = squeeze_excitation(64, reduction=16)  # x * sigmoid(fc(relu(fc(avgpool(x)))))
+    up = match_size(up, skip.shape[-2:])         # crop or pad to the skip's H, W
 
 An up-sampled tensor and the skip it joins differ by a pixel whenever a level had an odd
-size (37 -> max-pool -> 18 -> up -> 36). Decoders make them agree before concatenating:
-the plain U-Net pads the up-sampled tensor to the skip's size (every skip pixel kept);
-encoder U-Nets whose skips come from a backbone may center-crop the skip instead.
+size (37 -> max-pool -> 18 -> up -> 36; or 37 -> stride-2 conv -> 19 -> up -> 38). Decoders
+make them agree before concatenating by cropping or padding the up-sampled tensor to the
+skip's size, so every skip pixel is kept.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 
 class DoubleConv(nn.Sequential):
@@ -31,6 +37,26 @@ class DoubleConv(nn.Sequential):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+
+class ConvBNReLU(nn.Sequential):
+    """3x3 conv (size kept) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),  # BN's shift makes a bias redundant
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+        nn.init.kaiming_normal_(self[0].weight, mode="fan_out", nonlinearity="relu")
+
+
+def squeeze_excitation(channels: int, reduction: int = 16) -> SqueezeExcitation:
+    """The Squeeze-and-Excitation gate (Hu et al. 2018): per-channel scales in (0, 1) from the
+    channel means through a bottleneck of channels / reduction units."""
+    # at least 8 units (or all channels): a gate of one or two ReLU units can die in a narrow decoder
+    hidden = max(channels // reduction, min(channels, 8))
+    return SqueezeExcitation(channels, hidden)
 
 
 def pad_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -5,7 +5,8 @@
 
 Level l (0..depth) has base_channels * 2**l channels. Going down: DoubleConv, then 2x2
 max-pool. Going up: 2x2 transposed conv (stride 2), pad to the skip's size, concatenate
-[skip, up], DoubleConv. A 1x1 conv maps the top level to class logits.
+[skip, up], DoubleConv, and with `se_reduction` a Squeeze-and-Excitation gate. A 1x1 conv
+maps the top level to class logits.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import DoubleConv, pad_to
+from .blocks import DoubleConv, pad_to, squeeze_excitation
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, base_channels: int = 32, depth: int = 4):
+    def __init__(
+        self, in_channels: int, num_classes: int, base_channels: int = 32, depth: int = 4, se_reduction: int | None = None
+    ):
         super().__init__()
         if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 1:
             raise ValueError(
@@ -38,6 +41,10 @@ class UNet(nn.Module):
             nn.ConvTranspose2d(widths[i + 1], widths[i], kernel_size=2, stride=2) for i in reversed(range(depth))
         )
         self.decoder = nn.ModuleList(DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        # None without SE, so a plain U-Net keeps the state-dict layout of earlier runs
+        self.gates = (
+            nn.ModuleList(squeeze_excitation(widths[i], se_reduction) for i in reversed(range(depth))) if se_reduction else None
+        )
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +61,10 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         x = skips.pop()  # the bottom level feeds the decoder; it is no skip
-        for upsample, block in zip(self.upsample, self.decoder):
+        for step, (upsample, block) in enumerate(zip(self.upsample, self.decoder)):
             skip = skips.pop()
             x = pad_to(upsample(x), skip.shape[-2:])
             x = block(torch.cat([skip, x], dim=1))
+            if self.gates is not None:
+                x = self.gates[step](x)
         return self.head(x)
