@@ -1,20 +1,36 @@
-"""Optimizers and learning-rate schedules from the job, each knowing when it steps.
+"""Optimizers and learning-rate schedules from the job, each knowing when it moves.
+
+    optimizer = build_optimizer(job.optim, model.parameters())
+    schedule = Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * epochs)
+    ...  schedule.after_step()          # every optimizer step
+    ...  schedule.after_eval(metrics)   # after each evaluation (plateau)
+    ...  schedule.after_epoch()         # at each epoch end (step)
+    state = schedule.state_dict()       # plain ints and floats; load_state_dict() resumes exactly
 
 Poly and cosine move every optimizer step (the PSPNet recipe's poly is per iteration),
-step moves every epoch (the SegNet recipe's StepLR 7/0.7), plateau moves after each
-evaluation on a chosen validation metric (the NYUv2 recipe's ReduceLROnPlateau).
-All of them are resumable through state_dict().
+step moves every epoch (the SegNet recipe's StepLR 7/0.7), plateau after each evaluation
+on a chosen validation metric (the NYUv2 recipe's ReduceLROnPlateau). A linear warmup
+over the first `warmup_steps` optimizer steps multiplies any of them; poly and cosine then
+run over the steps after the warmup.
+
+The lr is computed from counters (steps, epochs, plateau reductions) rather than by
+multiplying the previous lr, so resuming restores it exactly, and each param group's lr
+is its initial lr times one factor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from .config import OptimConfig, ScheduleConfig
+from .config import OptimConfig
 from .errors import UserError
+
+# ReduceLROnPlateau's default: an improvement must beat the best by this relative margin.
+PLATEAU_THRESHOLD = 1e-4
 
 
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -31,59 +47,130 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
 
 
 class Schedule:
-    """A torch LR scheduler plus the moment it steps: after a step, an epoch or an evaluation."""
+    """Sets each param group's lr to initial lr x warmup factor x the schedule's factor."""
 
-    def __init__(self, cfg: ScheduleConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-        self.cfg = cfg
-        total_steps = max(1, total_steps)
-        if cfg.name == "constant":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        elif cfg.name == "poly":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: (1.0 - min(step, total_steps) / total_steps) ** cfg.power
-            )
-        elif cfg.name == "cosine":
-            base = [group["lr"] for group in optimizer.param_groups]
-            ratio = [cfg.min_lr / lr for lr in base]
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                [
-                    (lambda step, r=r: r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-                    for r in ratio
-                ],
-            )
-        elif cfg.name == "step":
-            self.scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_epochs, gamma=cfg.gamma)
-        elif cfg.name == "plateau":
-            self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode=cfg.plateau_mode, factor=cfg.plateau_factor, patience=cfg.plateau_patience
-            )
-        else:
+    def __init__(self, cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int):
+        if cfg.name not in ("constant", "poly", "step", "cosine", "plateau"):
             raise UserError(f"optim.schedule.name: unknown schedule '{cfg.name}'")
+        self.cfg = cfg
+        self.optimizer = optimizer
+        self.total_steps = max(1, total_steps)
+        # The lr each group started from: optimizer.load_state_dict() later restores the
+        # *current* lr into the groups, so keep the base apart from them.
+        self.base_lrs = [float(group.setdefault("initial_lr", group["lr"])) for group in optimizer.param_groups]
+        self.steps = 0  # optimizer steps taken
+        self.epochs = 0  # epochs finished
+        self.reductions = 0  # plateau: times the lr was lowered
+        self.best: float | None = None  # plateau: the best value seen
+        self.bad_evals = 0  # plateau: evaluations since the best
+        self._apply()
+
+    # --- events -------------------------------------------------------------------------
 
     def after_step(self) -> None:
-        if self.cfg.name in ("constant", "poly", "cosine"):
-            self.scheduler.step()
+        self.steps += 1
+        self._apply()
 
     def after_epoch(self) -> None:
-        if self.cfg.name == "step":
-            self.scheduler.step()
+        self.epochs += 1
+        self._apply()
 
     def after_eval(self, metrics: dict[str, float]) -> None:
         if self.cfg.name != "plateau":
             return
-        if self.cfg.plateau_metric not in metrics:
+        name = self.cfg.plateau_metric
+        if name not in metrics:
             raise UserError(
-                f"optim.schedule.plateau_metric: '{self.cfg.plateau_metric}' is not reported; "
+                f"optim.schedule.plateau_metric: '{name}' is not reported; "
                 f"choose one of {', '.join(sorted(k for k in metrics if k.startswith('val/')))}"
             )
-        self.scheduler.step(metrics[self.cfg.plateau_metric])
+        value = float(metrics[name])
+        if self._improves(value):
+            self.best, self.bad_evals = value, 0
+        else:  # nan (a class absent so far) never counts as an improvement
+            self.bad_evals += 1
+        if self.bad_evals > self.cfg.plateau_patience:
+            self.reductions += 1
+            self.bad_evals = 0
+        self._apply()
 
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
+    def _improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        margin = abs(self.best) * PLATEAU_THRESHOLD
+        return value < self.best - margin if self.cfg.plateau_mode == "min" else value > self.best + margin
 
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler.load_state_dict(state)
+    # --- the lr -------------------------------------------------------------------------
+
+    def warmup_factor(self) -> float:
+        warmup = self.cfg.warmup_steps
+        if self.steps >= warmup:
+            return 1.0
+        start = self.cfg.warmup_start_factor
+        return start + (1.0 - start) * self.steps / warmup
+
+    def lr_for(self, base_lr: float) -> float:
+        cfg = self.cfg
+        lr = base_lr
+        if cfg.name in ("poly", "cosine"):
+            span = max(1, self.total_steps - cfg.warmup_steps)
+            progress = min(max(self.steps - cfg.warmup_steps, 0), span) / span
+            if cfg.name == "poly":
+                lr = base_lr * (1.0 - progress) ** cfg.power
+            else:
+                lr = cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif cfg.name == "step":
+            lr = base_lr * cfg.gamma ** (self.epochs // cfg.step_epochs)
+        elif cfg.name == "plateau":
+            lr = max(base_lr * cfg.plateau_factor ** self.reductions, min(cfg.min_lr, base_lr))
+        return lr * self.warmup_factor()
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.lr_for(base)
+
+    # --- resume -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "reductions": self.reductions,
+            "best": self.best,
+            "bad_evals": self.bad_evals,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "last_epoch" in state:  # a torch LR scheduler's state, from checkpoints before this class
+            state = _from_torch_scheduler(self.cfg.name, state, self.base_lrs[0])
+        if state.get("name", self.cfg.name) != self.cfg.name:
+            raise UserError(f"optim.schedule.name: the checkpoint was trained with '{state['name']}', not '{self.cfg.name}'")
+        self.steps = int(state["steps"])
+        self.epochs = int(state["epochs"])
+        self.reductions = int(state["reductions"])
+        self.best = None if state["best"] is None else float(state["best"])
+        self.bad_evals = int(state["bad_evals"])
+        self._apply()
+
+
+def _from_torch_scheduler(name: str, state: dict[str, Any], base_lr: float) -> dict[str, Any]:
+    """Counters from the LambdaLR / StepLR / ReduceLROnPlateau state dicts of older checkpoints."""
+    counted = int(state["last_epoch"])
+    reductions = 0
+    if name == "plateau":  # ReduceLROnPlateau keeps no count: recover it from the lr it reached
+        reached = state["_last_lr"][0]
+        reductions = max(0, round(math.log(reached / base_lr) / math.log(state["factor"]))) if reached > 0 else 0
+    best = state.get("best")
+    return {
+        "steps": counted if name in ("constant", "poly", "cosine") else 0,
+        "epochs": counted if name == "step" else 0,
+        "reductions": reductions,
+        "best": float(best) if name == "plateau" and best is not None and math.isfinite(best) else None,
+        "bad_evals": int(state.get("num_bad_epochs", 0)),
+    }
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

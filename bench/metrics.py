@@ -1,0 +1,114 @@
+"""Metric cost per 512x512 image against the evaluation step that produces the prediction.
+
+    .venv/bin/python bench/metrics.py [--size 512] [--images 4] [--classes 3 8] [--repeats 3] [--threads 2]
+
+Single process, no Ray, CPU. The evaluation step is a U-Net forward pass (the default
+model: base 32, depth 4, with the largest class count measured) on a batch of `--images`
+images, per image. The metrics, per image:
+the labels from the logits (argmax), the engine's confusion-matrix update (one bincount),
+the per-image matrices python -m segjob.evaluate keeps, and ASSD per class (surface pixels,
+nearest ones through k-d trees).
+Masks are synthetic shapes (segjob.data.synthetic) with a prediction that differs from them
+the way a decent model's does (boundaries moved by a pixel or two, a few spurious blobs,
+an object missed), so ASSD does its full work. Medians over `--repeats`; goal: metric
+computation <= 5% of an evaluation step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from segjob.config import UNetConfig
+from segjob.data.synthetic import render_sample
+from segjob.metrics import ConfusionMatrix, ImageScores, assd_per_class, per_image_confusion, predict_labels
+from segjob.models import create_model
+
+
+def masks(count: int, size: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, prediction) int64 [count, size, size]: shapes, and a plausible imperfect prediction of them."""
+    rng = np.random.default_rng(seed)
+    targets, predictions = [], []
+    for _ in range(count):
+        _, target = render_sample(rng, size, num_classes)
+        prediction = target.copy()
+        for label in np.unique(target)[1:]:
+            inside = target == label
+            step = int(rng.integers(1, 3))
+            moved = ndimage.binary_dilation(inside, iterations=step) if rng.random() < 0.5 else ndimage.binary_erosion(inside, iterations=step)
+            prediction[inside] = 0
+            prediction[moved] = label
+        for _ in range(3):  # spurious blobs
+            y, x, r = rng.integers(0, size), rng.integers(0, size), rng.integers(3, size // 24)
+            prediction[max(0, y - r): y + r, max(0, x - r): x + r] = rng.integers(0, num_classes)
+        labels = np.unique(target)[1:]
+        if labels.size:  # one object class missed entirely now and then
+            missed = rng.choice(labels)
+            if rng.random() < 0.3:
+                prediction[prediction == missed] = 0
+        targets.append(target)
+        predictions.append(prediction)
+    return torch.from_numpy(np.stack(targets)).long(), torch.from_numpy(np.stack(predictions)).long()
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--images", type=int, default=4, help="images per evaluation batch")
+    parser.add_argument("--classes", type=int, nargs="+", default=[3, 8], help="class counts to measure (2..8)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, size = args.images, args.size
+    print(f"# {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"{n} images of {size}x{size}, median of {args.repeats}")
+
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    model = create_model(UNetConfig(), 3, max(args.classes)).eval()  # the class count only sizes the last 1x1 conv
+    with torch.inference_mode():
+        forward_ms = timed(lambda: model(images), args.repeats) / n * 1000
+    print(f"{'classes':>7} | {'forward ms':>10} | {'labels ms':>9} | {'matrix ms':>9} | {'per-image ms':>12} | "
+          f"{'ASSD ms':>7} | {'engine ms':>9} | {'evaluate ms':>11} | {'engine %':>8} | {'evaluate %':>10}")
+    for classes in args.classes:
+        target, prediction = masks(n, size, classes)
+        logits = torch.randn(n, classes, size, size, generator=torch.Generator().manual_seed(1))
+        target_np, prediction_np = target.numpy(), prediction.numpy()
+        per_image = lambda timing: timed(timing, args.repeats) / n * 1000  # noqa: E731
+
+        labels_ms = per_image(lambda: predict_labels(logits))
+        matrix_ms = per_image(lambda: ConfusionMatrix(classes).update(target, prediction))
+        matrices_ms = per_image(lambda: per_image_confusion(target, prediction, classes))
+        assd_ms = per_image(lambda: [assd_per_class(t, p, classes) for t, p in zip(target_np, prediction_np)])
+        # what the engine's evaluation does per batch, and what python -m segjob.evaluate does
+        engine_ms = per_image(lambda: ConfusionMatrix(classes).update(target, predict_labels(logits)))
+
+        def evaluate_batch():
+            predict_labels(logits)
+            ImageScores(classes).update(list(range(n)), target, prediction)  # matrices and ASSD of a realistic prediction
+
+        evaluate_ms = per_image(evaluate_batch)
+        print(f"{classes:>7} | {forward_ms:>10.1f} | {labels_ms:>9.2f} | {matrix_ms:>9.2f} | {matrices_ms:>12.2f} | "
+              f"{assd_ms:>7.2f} | {engine_ms:>9.2f} | {evaluate_ms:>11.2f} | {100 * engine_ms / forward_ms:>7.2f}% | "
+              f"{100 * evaluate_ms / forward_ms:>9.2f}%")
+
+if __name__ == "__main__":
+    main()

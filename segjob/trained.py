@@ -1,0 +1,314 @@
+"""A trained model rebuilt from a checkpoint, for evaluate, predict and report (no Ray).
+
+    trained = load_trained("s3://bucket/runs/pets_unet", data_root="/data/pets")
+    logits = trained.model(images)              # eval mode, on trained.device
+    trained.job, trained.class_names, trained.palette, trained.threshold
+    history, where = run_history("gs://bucket/runs/pets_unet")
+
+A location is a checkpoint folder (it holds meta.json: a run's `checkpoints/step-…`, or what
+`segjob.pull` wrote) or a run folder, whose best committed checkpoint by the run's own
+metric is taken (`pick="latest"`: the newest). Local paths, file://, s3:// and gs:// all work.
+
+Checkpoints are untrusted input. Everything goes through segjob.checkpoint: every file is
+checked against the sha256 in meta.json before use, weights come from safetensors, the
+training state only through torch.load(weights_only=True), and the job inside is validated
+like a job file. The model is rebuilt without its pretrained-encoder file (the checkpoint's
+weights replace it) and without torch.compile.
+
+Class names, input channels and palette come from the dataset the job names (`data_root`
+points at a local copy). When that data is not here, the class names come from the metrics
+the checkpoint recorded (val/iou/<class>), the input channels from the weights' shapes, and
+the palette is the PASCAL VOC colour map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from . import checkpoint
+from .config import CLASS_NAME_PATTERN, JobConfig, metric_direction, validate_job
+from .data import build_datasets
+from .data.labels import default_palette
+from .errors import UserError
+from .losses import binary_threshold, output_channels
+from .models import create_model
+from .storage import Storage, open_storage
+
+log = logging.getLogger("segjob")
+
+PICKS = ("best", "latest")
+
+
+@dataclass
+class Trained:
+    job: JobConfig
+    model: nn.Module
+    class_names: list[str]
+    in_channels: int
+    palette: list[tuple[int, int, int]]
+    source: str  # where the checkpoint was found, for messages and reports
+    meta: dict[str, Any] = field(repr=False)
+    history: list[dict[str, Any]] = field(repr=False)
+    device: torch.device = torch.device("cpu")
+    datasets: tuple[Any, Any] | None = field(default=None, repr=False)  # (train, val) when the data is here
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def threshold(self) -> float:
+        return binary_threshold(self.job.loss)
+
+    @property
+    def is_binary(self) -> bool:
+        """One sigmoid output channel (bce, bce+dice)."""
+        return output_channels(self.job.loss, self.num_classes) == 1
+
+    def require_data(self) -> tuple[Any, Any]:
+        if self.datasets is None:
+            raise UserError(f"{self.source}: the job's dataset ({self.job.data.name}) is not available here; "
+                            f"point --data at a local copy")
+        return self.datasets
+
+
+# --- where the checkpoint is ------------------------------------------------------------
+
+
+def locate(uri: str, endpoint_url: str | None = None) -> tuple[Storage, str]:
+    """(storage, folder path on it) for a local path, file://, s3:// or gs:// URI."""
+    storage = open_storage(uri, endpoint_url)
+    if storage.is_local and not Path(storage.root).is_dir():
+        raise UserError(f"{uri}: no such folder")
+    return storage, storage.root
+
+
+def display(storage: Storage, path: str) -> str:
+    if storage.is_local:
+        return path
+    scheme = storage.uri.split("://", 1)[0]
+    return f"{scheme}://{path}"
+
+
+def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
+    """The checkpoint folder at `path`: itself, or a run's best (by its job metric) or newest committed one."""
+    if pick not in PICKS:
+        raise ValueError(f"pick must be one of {PICKS}")
+    if storage.exists(f"{path}/{checkpoint.META_FILE}"):
+        return path
+    committed = checkpoint.list_committed(storage, path)
+    if not committed:
+        raise UserError(f"{display(storage, path)}: neither a checkpoint folder (no {checkpoint.META_FILE}) "
+                        f"nor a run with committed checkpoints")
+    newest = committed[-1]
+    if pick == "latest":
+        return newest.path
+    job = newest.meta.get("job")
+    metric = job.get("metric") if isinstance(job, dict) else None
+    name = metric.get("name") if isinstance(metric, dict) and isinstance(metric.get("name"), str) else "val/miou"
+    mode = metric.get("mode") if isinstance(metric, dict) and metric.get("mode") in ("min", "max") else metric_direction(name)
+    best = checkpoint.select_best(committed, name, mode)
+    return (best[0] if best else newest).path
+
+
+def load_checkpoint(storage: Storage, path: str) -> checkpoint.LoadedCheckpoint:
+    """Load a committed checkpoint folder, verified; remote ones through a temporary copy."""
+    if storage.is_local:
+        return checkpoint.load_folder(Path(path))
+    with tempfile.TemporaryDirectory(prefix="segjob-ckpt-") as tmp:
+        local = checkpoint.fetch(storage, path, Path(tmp) / "checkpoint")
+        try:
+            return checkpoint.load_folder(local)
+        except UserError as error:  # name the checkpoint where the user can find it, not our copy
+            raise UserError(str(error).replace(str(local), display(storage, path))) from None
+
+
+# --- rebuilding the model ---------------------------------------------------------------
+
+
+def job_from_meta(meta: dict[str, Any], where: str, data_root: str | None = None,
+                  data_overrides: dict[str, Any] | None = None) -> JobConfig:
+    """The checkpoint's job, validated; then with the data changes asked for on the command line."""
+    raw = meta.get("job")
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}/{checkpoint.META_FILE}: holds no job configuration")
+    try:
+        job = validate_job(raw, source=f"{where}/{checkpoint.META_FILE} (job)")
+    except UserError as error:
+        raise UserError(f"{error}; the checkpoint may come from another segjob version") from None
+    changes = dict(data_overrides or {})
+    if data_root is not None:
+        path_keys = job.data.path_keys() if hasattr(job.data, "path_keys") else ()
+        if not path_keys:
+            raise UserError(f"--data: the job's dataset ({job.data.name}) reads no files; leave --data out")
+        # data.root, or data.path for a dataset in one file (nyuv2); files it names "beside" follow it
+        changes[path_keys[0]] = data_root if "://" in data_root else str(Path(data_root).expanduser().resolve())
+    if not changes:
+        return job
+    raw = job.model_dump(mode="json")
+    raw["data"].update(changes)
+    shown = " ".join([f"--data {data_root}"] * (data_root is not None) + [f"--set data.{k}" for k in data_overrides or {}])
+    return validate_job(raw, source=shown)
+
+
+def model_config_for_inference(job: JobConfig) -> Any:
+    """The job's model without its pretrained-encoder file or compilation: the checkpoint has the weights."""
+    update = {key: value for key, value in (("encoder_weights", None), ("compile", False))
+              if key in type(job.model).model_fields}
+    return job.model.model_copy(update=update)
+
+
+def rebuild_model(job: JobConfig, state: dict[str, torch.Tensor], in_channels: int, num_classes: int,
+                  where: str) -> nn.Module:
+    model = create_model(model_config_for_inference(job), in_channels, output_channels(job.loss, num_classes))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(f"{where}: the weights don't fit the model its job describes ({first_line})") from None
+    return model.eval()
+
+
+def class_names_from_metrics(meta: dict[str, Any], history: list[Any]) -> list[str] | None:
+    """Class names in order, from the newest record that has val/iou/<class> keys."""
+    for record in [meta.get("metrics"), *reversed(history)]:
+        if not isinstance(record, dict):
+            continue
+        names = [key[len("val/iou/"):] for key in record if isinstance(key, str) and key.startswith("val/iou/")]
+        if names and all(re.fullmatch(CLASS_NAME_PATTERN, name) for name in names):
+            return names
+    return None
+
+
+def in_channels_from_weights(job: JobConfig, state: dict[str, torch.Tensor], num_classes: int) -> int:
+    """The input channel count whose model has exactly the checkpoint's tensor shapes."""
+    expected = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    for channels in (3, 4, 1, 2):
+        model = create_model(model_config_for_inference(job), channels, output_channels(job.loss, num_classes))
+        if {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} == expected:
+            return channels
+    raise UserError("the checkpoint's weights fit no model of its job with 1 to 4 input channels; point --data at its dataset")
+
+
+def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | None = None,
+                 data_overrides: dict[str, Any] | None = None, pick: str = "best", need_data: bool = False,
+                 device: str | torch.device | None = None) -> Trained:
+    """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode."""
+    storage, path = locate(uri, endpoint_url)
+    folder = choose_checkpoint(storage, path, pick)
+    where = display(storage, folder)
+    loaded = load_checkpoint(storage, folder)
+    job = job_from_meta(loaded.meta, where, data_root, data_overrides)
+    try:
+        datasets = build_datasets(job.data, job.seed)
+    except UserError as error:
+        if need_data:
+            raise
+        log.info("dataset not available (%s); class names and input channels from the checkpoint", error)
+        datasets = None
+    if datasets is not None:
+        val_set = datasets[1]
+        class_names, in_channels = list(val_set.class_names), int(val_set.in_channels)
+        palette = getattr(val_set, "palette", None)
+    else:
+        class_names = class_names_from_metrics(loaded.meta, loaded.history)
+        if class_names is None:
+            raise UserError(f"{where}: the checkpoint records no class names (no evaluation yet) and its dataset "
+                            f"is not here; point --data at the dataset")
+        in_channels = in_channels_from_weights(job, loaded.model_state, len(class_names))
+        palette = None
+    model = rebuild_model(job, loaded.model_state, in_channels, len(class_names), where)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    palette = [tuple(int(v) for v in colour) for colour in (palette or default_palette(len(class_names)))]
+    log.info("loaded %s (epoch %s, step %s)", where, loaded.meta.get("epoch"), loaded.meta.get("step"))
+    return Trained(job, model.to(device), class_names, in_channels, palette, where, loaded.meta, loaded.history,
+                   device, datasets)
+
+
+# --- a run's history --------------------------------------------------------------------
+
+
+def parse_history(raw: bytes, where: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{where}: line {number} is not JSON") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: line {number} is not a JSON object")
+        records.append(record)
+    return records
+
+
+def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """(history records, the checkpoint they came from): the newest committed checkpoint's
+    history.jsonl, checked against its meta.json (only that file is read, not the weights).
+    A damaged newest checkpoint is skipped for the one before, with a warning."""
+    storage, path = locate(uri, endpoint_url)
+    if storage.exists(f"{path}/{checkpoint.META_FILE}"):
+        return load_checkpoint(storage, path).history, display(storage, path)
+    committed = checkpoint.list_committed(storage, path)
+    if not committed:
+        raise UserError(f"{display(storage, path)}: no committed checkpoints (expected a run folder, e.g. "
+                        f"<storage.uri>/<job name>, or a checkpoint folder)")
+    problems = []
+    for info in reversed(committed):
+        where = f"{display(storage, info.path)}/{checkpoint.HISTORY_FILE}"
+        try:
+            raw = storage.read_bytes(f"{info.path}/{checkpoint.HISTORY_FILE}")
+        except FileNotFoundError:
+            problems.append(f"{where}: missing")
+            continue
+        if hashlib.sha256(raw).hexdigest() != info.meta["files"][checkpoint.HISTORY_FILE]["sha256"]:
+            problems.append(f"{where}: sha256 does not match {checkpoint.META_FILE}")
+            log.warning("%s; trying the checkpoint before", problems[-1])
+            continue
+        return parse_history(raw, where), display(storage, info.path)
+    raise UserError(f"no readable history among {len(committed)} committed checkpoints; newest: {problems[0]}")
+
+
+# --- command-line arguments shared by evaluate and predict -----------------------------
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CKPT",
+                        help="a checkpoint folder, or a run folder (its best checkpoint); local, s3:// or gs://")
+    parser.add_argument("--pick", choices=PICKS, default="best",
+                        help="for a run folder: its best checkpoint by the run's metric, or the latest")
+    parser.add_argument("--data", metavar="ROOT", default=None,
+                        help="where the job's dataset is on this machine (replaces data.root; data.path for nyuv2)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                        help="change a data key, e.g. --set data.split=official (repeatable)")
+    parser.add_argument("--endpoint-url", default=None, help="S3/GCS endpoint (MinIO, emulators)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def data_overrides(overrides: list[str]) -> dict[str, Any]:
+    """{key: value} from ["data.KEY=VALUE", ...]; values are YAML, as in the job file."""
+    parsed = {}
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key.startswith("data.") or "." in key[len("data."):] or key == "data.":
+            raise UserError(f"--set {text}: expected data.KEY=VALUE (only top-level data keys change here), "
+                            f"e.g. --set data.image_size=256")
+        try:
+            parsed[key[len("data."):]] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed[key[len("data."):]] = value
+    return parsed
