@@ -22,6 +22,18 @@ def _unique_bucket_name() -> str:
     return f"segjob-test-{_session_tag}-{next(_bucket_numbers)}"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine thread contention
+    made model tests 10x slower; the setting is restored for other modules."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def session_env():
     """A monkeypatch for os.environ that lasts the whole session, undone at its end."""

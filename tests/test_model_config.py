@@ -14,12 +14,7 @@ from segjob.models import EncoderUNet, PSPNet, SegNet, create_model
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def model_section(**model):

@@ -14,12 +14,7 @@ from segjob.errors import UserError
 from segjob.models import ENCODERS, Encoder, create_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count(module: nn.Module) -> int:

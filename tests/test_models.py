@@ -29,14 +29,7 @@ from segjob.models.blocks import DoubleConv, center_crop_to, match_size, pad_to,
 SIZES = [(64, 64), (37, 53), (360, 480)]  # square, odd, CamVid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine thread
-    # contention made these tests 10x slower; restore the setting for other modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def main_logits(output: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
