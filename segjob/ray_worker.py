@@ -1,16 +1,18 @@
 """Everything segjob asks of Ray Train (2.60, Train V2), in one place.
 
-The driver builds a TorchTrainer from a job (`build_trainer`); each worker runs
-`train_loop_per_worker`, which hands a `RaySession` to the Ray-free engine. segjob owns
-its checkpoints: rank 0 commits them into the run directory itself (meta.json last), and
-Ray is only told where they are (NO_UPLOAD), so Ray's results and Tune see them.
+The driver builds a TorchTrainer from a job (`build_trainer`): `segjob.train` for its run,
+each trial of a `segjob.tune` sweep for its own. Each worker runs `train_loop_per_worker`,
+which hands a `RaySession` to the Ray-free engine. segjob owns its checkpoints: rank 0
+commits them into the run directory itself (meta.json last), and Ray is only told where
+they are (NO_UPLOAD), so Ray's results and Tune see them.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 import ray.train
@@ -54,28 +56,68 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     setup_logging()
     # Ray logs every report of every rank at INFO; segjob prints one status line per epoch instead
     logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    if config.get("log_label"):
+        label_log_lines(config["log_label"])
     job = JobConfig.model_validate(config["job"])
     engine.run(job, RaySession())
 
 
+class _Label(logging.Filter):
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"[{self.label}] {record.msg}"
+        return True
+
+
+def label_log_lines(label: str) -> None:
+    """Start segjob's lines from this process with [label]: a sweep's trials share one console."""
+    logger = logging.getLogger("segjob")
+    if not any(isinstance(existing, _Label) for existing in logger.filters):
+        logger.addFilter(_Label(label))
+
+
 def runtime_env() -> dict[str, Any]:
-    """What every Ray worker process needs: storage settings, and segjob's SIGTERM handler.
+    """What every Ray worker process needs: storage settings, and segjob.ray_setup's hook (its own
+    cluster's address for Ray's state API, and segjob's SIGTERM handler).
 
     The handler must be installed at process level: Train V2 runs the training function in a
     thread, where signal.signal is not allowed.
     """
-    return {"env_vars": worker_env_vars(), "worker_process_setup_hook": "segjob.preemption.install_sigterm_handler"}
+    return {"env_vars": worker_env_vars(), "worker_process_setup_hook": "segjob.ray_setup.setup_worker_process"}
 
 
-def connect(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (or `ray job submit`'s), else start a local one."""
+def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (or `ray job submit`'s), else start a local one.
+
+    A local Ray gets a dashboard only when asked (a sweep asks): Ray Train's PlacementGroupCleaner
+    finds a controller that died with its Tune trial (ASHA stopped it) through the dashboard's
+    state API, and without it the dead run's workers' resources are never given back.
+    """
     if ray.is_initialized():
         return
-    env = runtime_env()
+    env = without_job_settings(runtime_env())
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=env, log_to_driver=True)
+
+
+def without_job_settings(env: dict[str, Any]) -> dict[str, Any]:
+    """Leave out what a submitted job's own runtime env sets (`ray job submit --runtime-env-json`).
+
+    Ray refuses to start a driver whose runtime env names a field or an env var that the job's
+    already names, even with the same value; the job's settings reach every worker anyway.
+    """
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return env
+    job_env = json.loads(injected).get("runtime_env") or {}
+    kept = {key: value for key, value in env.items() if key != "env_vars" and key not in job_env}
+    env_vars = {key: value for key, value in env.get("env_vars", {}).items() if key not in job_env.get("env_vars", {})}
+    return {**kept, "env_vars": env_vars} if env_vars else kept
 
 
 def resolve_use_gpu(job: JobConfig) -> bool:
@@ -99,7 +141,10 @@ def check_fits_local_cluster(job: JobConfig, use_gpu: bool) -> None:
         raise UserError(f"scaling.use_gpu: {job.scaling.num_workers} workers need as many GPUs; this machine has fewer")
 
 
-def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool) -> TorchTrainer:
+def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Sequence[Any] = (),
+                  log_label: str | None = None) -> TorchTrainer:
+    """The run `job.name` under `storage`; callbacks are Ray Train UserCallbacks (a sweep's trial
+    passes the one that reports to Tune); log_label starts the workers' segjob lines."""
     if job.train.amp == "fp16" and not use_gpu:
         raise UserError("train.amp: fp16 needs GPU workers; use bf16 (or off) on CPU")
     resources = {"CPU": job.scaling.cpus_per_worker}
@@ -107,7 +152,7 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool) -> TorchTrain
         resources["GPU"] = 1
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json")},
+        train_loop_config={"job": job.model_dump(mode="json"), "log_label": log_label},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=job.failure.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -115,6 +160,7 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool) -> TorchTrain
             storage_path=storage.root,
             storage_filesystem=storage.pyarrow_fs(),
             failure_config=FailureConfig(max_failures=job.failure.max_failures),
+            callbacks=list(callbacks),
         ),
     )
 
