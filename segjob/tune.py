@@ -39,6 +39,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from . import checkpoint, pull, ray_worker, runs, sweep_report
+from .check import preflight
 from .data import build_datasets
 from .errors import UserError, exits_cleanly_on_user_error, setup_logging
 from .storage import Storage, open_storage
@@ -196,6 +197,7 @@ def prepare(sweep: Sweep) -> Storage:
     """Check storage, data and the metric before Ray starts anything."""
     storage = open_storage(sweep.job.storage.uri, sweep.job.storage.endpoint_url)
     storage.check()
+    preflight(sweep.job)  # every sample, once, before any trial spends GPU time on it
     train_set, _ = build_datasets(sweep.job.data, sweep.job.seed)
     parts = sweep.metric.split("/")
     if len(parts) == 3 and parts[2] not in train_set.class_names:  # val/iou/<class>, val/dice/<class>
