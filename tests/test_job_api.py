@@ -113,7 +113,11 @@ def cluster(s3_env):
     dashboard = free_port()
     command = [str(RAY), "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
                "--port", str(free_port()), "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-               "--dashboard-port", str(dashboard), "--temp-dir", f"{temp}/ray"]
+               "--dashboard-port", str(dashboard), "--temp-dir", f"{temp}/ray",
+               # the agent's default ports are taken while another Ray runs here (the suite's own
+               # ray_cluster): it then never starts, and every submission gets "No available agent"
+               "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+               "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
     log = open(f"{temp}/ray-start.log", "w")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
