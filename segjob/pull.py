@@ -32,7 +32,7 @@ from typing import Any
 from . import checkpoint
 from .errors import UserError, exits_cleanly_on_user_error, setup_logging
 from .runs import flatten
-from .storage import Storage, open_storage
+from .storage import Storage, open_storage, replace_dir
 from .sweep import TRIALS_DIR
 
 log = logging.getLogger("segjob")
@@ -196,7 +196,7 @@ def download(storage: Storage, chosen: list[Candidate], dest: Path, ranking: Ran
                 fetch_verified(storage, candidate, partial / f"{number:02d}-{candidate.folder_name}", ranking, number)
             _write_json(partial / PULLED_FILE, {"source": display_uri(storage, storage.root), "checkpoints": [
                 f"{number:02d}-{candidate.folder_name}" for number, candidate in enumerate(chosen, start=1)]})
-        _swap_into_place(partial, dest)
+        replace_dir(partial, dest)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return dest
@@ -222,20 +222,6 @@ def check_replaceable(dest: Path) -> None:
     if dest.is_dir() and not dest.is_symlink() and (not any(dest.iterdir()) or (dest / PULLED_FILE).is_file()):
         return
     raise UserError(f"{dest}: exists and is not an earlier pull; choose another --to or remove it")
-
-
-def _swap_into_place(new: Path, dest: Path) -> None:
-    if not os.path.lexists(dest):
-        os.rename(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dest, old)
-    try:
-        os.rename(new, dest)
-    except OSError:
-        os.rename(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

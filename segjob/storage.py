@@ -268,7 +268,7 @@ class Storage:
                 target = partial.joinpath(*key.split("/"))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 retry(self.fs.get_file, prefix + key, str(target), what=f"download {prefix + key}")
-            _replace_dir(partial, dest)
+            replace_dir(partial, dest)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 
@@ -524,7 +524,7 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def _replace_dir(new: Path, dest: Path) -> None:
+def replace_dir(new: Path, dest: Path) -> None:
     """Rename new onto dest; an existing dest is moved aside first and removed after."""
     if not os.path.lexists(dest):
         os.rename(new, dest)
