@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export RAY_USAGE_STATS_ENABLED=0
-exec .venv/bin/python -m pytest -q "$@"
+# every test has its own limit (pyproject.toml, tests/conftest.py); the whole run stops after 50 minutes
+exec .venv/bin/python -m pytest -q --session-timeout 3000 "$@"

@@ -513,13 +513,34 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, ge=1, description="how often train/loss enters the history")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="fp16 needs a GPU; bf16 works on CPU too")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cut every epoch short (smoke runs)")
+    sync_batchnorm: Literal["auto"] | bool = Field(
+        "auto", description="SyncBatchNorm across DDP ranks; auto: on for GPU workers when there are several (torch's "
+        "SyncBatchNorm refuses CPU tensors, so CPU runs keep plain BatchNorm)",
+    )
 
 
 class ScalingSection(Section):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks)")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (DDP ranks); the global batch is "
+                             "batch_size x grad_accum_steps x num_workers at every world size")
+    min_workers: int | None = Field(
+        None, ge=1, description="elastic: keep training on as few as this many workers when nodes go, and grow back "
+        "to num_workers when they return; default (null): num_workers, a fixed size",
+    )
+    resize_interval_s: float = Field(60.0, ge=0.0, description="elastic: how often Ray looks for room to grow the group")
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
+
+    @model_validator(mode="after")
+    def _min_within_num(self) -> ScalingSection:
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) is more than num_workers ({self.num_workers}); "
+                             "lower min_workers or raise num_workers")
+        return self
+
+    @property
+    def fewest_workers(self) -> int:
+        return self.num_workers if self.min_workers is None else self.min_workers
 
 
 class StorageConfig(Section):
@@ -539,16 +560,42 @@ class StorageConfig(Section):
 class FailureSection(Section):
     max_failures: int = Field(3, ge=0, description="worker-group restarts after a worker or node is lost")
     collective_timeout_s: int = Field(300, ge=10, description="survivors of a lost peer fail after this long instead of hanging")
+    max_preemptions: int | None = Field(
+        None, ge=0, description="restarts after node preemptions (drained with the PREEMPTION reason), counted apart "
+        "from max_failures; null: unlimited",
+    )
+    relax_collectives_on_preemption: bool = Field(
+        False, description="let the surviving ranks report a checkpoint without the ranks of a preempted node "
+        "(Ray's FailureConfig option; no effect when rank 0 is preempted)",
+    )
+    preemption_grace_s: float = Field(
+        0.0, ge=0.0, description="Ray keeps the survivors running this long past a preemption deadline before it "
+        "restarts the group",
+    )
 
 
 class PreemptionSection(Section):
     """Where preemption notices come from. Any of them triggers a checkpoint at once."""
 
     sigterm: bool = Field(True, description="treat SIGTERM to a worker process as a notice")
-    aws_metadata_url: str | None = Field("http://169.254.169.254", description="EC2 IMDSv2 base URL; null to disable")
-    gcp_metadata_url: str | None = Field("http://metadata.google.internal", description="GCE metadata base URL; null to disable")
-    ray_drain: bool = Field(True, description="watch ray.train.get_preemption_info() (KubeRay drains nodes)")
-    poll_interval_s: float = Field(5.0, gt=0.0, le=60.0)
+    aws_metadata_url: str | None = Field(
+        "http://169.254.169.254", description="EC2 IMDSv2 base URL (a node's AWS_EC2_METADATA_SERVICE_ENDPOINT wins); "
+        "null to disable")
+    gcp_metadata_url: str | None = Field(
+        "http://metadata.google.internal", description="GCE metadata base URL (a node's GCE_METADATA_HOST wins); "
+        "null to disable")
+    ray_drain: bool = Field(
+        True, description="ask Ray which nodes are being drained for preemption (ray.train.get_preemption_info(), "
+        "every rank at the same step), and drain this node through Ray when a notice above arrives",
+    )
+    ray_check_every_steps: int = Field(
+        10, ge=1, description="optimizer steps between two get_preemption_info() calls (each is a round trip to an actor)",
+    )
+    deadline_margin_s: float = Field(
+        3.0, ge=0.0, description="the last checkpoint before a preemption deadline is started this long earlier than "
+        "the measured commit time plus one step would need",
+    )
+    poll_interval_s: float = Field(5.0, gt=0.0, le=60.0, description="seconds between two polls of a metadata server")
 
 
 METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/mean_acc|val/dice|val/(iou|dice)/[\w.-]+)$"

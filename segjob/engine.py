@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from typing import Any
@@ -38,19 +39,24 @@ from .errors import UserError
 from .losses import build_loss, output_channels
 from .metrics import ConfusionMatrix, predict_labels
 from .models import create_model
+from .models.batchnorm import sync_batchnorm
 from .optim import Schedule, build_optimizer, current_lr
+from .preemption_plan import Agreed, PreemptionPlan
 from .runs import DONE_FILE
 from .session import Session
 from .storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
 
+RESTART_SLACK_S = 30.0  # past a preemption deadline (+ Ray's grace), when the group is still here
+
 
 @dataclasses.dataclass
 class Progress:
     epoch: int = 0  # the epoch being trained (== epochs once finished)
     step: int = 0  # optimizer steps so far, over the whole run
-    position: int = 0  # samples of this epoch's global order already consumed
+    position: int = 0  # samples of this epoch's global order already consumed (a multiple of the global batch)
+    world_size: int = 0  # workers that trained the last step (0: a checkpoint from before this was kept)
 
 
 @dataclasses.dataclass
@@ -72,7 +78,8 @@ class Worker:
     progress: Progress
     history: list[dict[str, Any]]
     committer: Committer
-    watcher: preemption.PreemptionWatcher | None
+    plan: PreemptionPlan
+    watcher: preemption.PreemptionWatcher | None = None
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
 
     @property
@@ -82,10 +89,6 @@ class Worker:
     @property
     def is_chief(self) -> bool:
         return self.session.rank == 0
-
-
-class Preempted(RuntimeError):
-    """Raised on every rank after the preemption checkpoint is committed: Ray must see a failure, not success."""
 
 
 def run(job: JobConfig, session: Session) -> dict[str, Any]:
@@ -123,23 +126,52 @@ def setup(job: JobConfig, session: Session) -> Worker:
 
     model = create_model(job.model, train_set.in_channels, output_channels(job.loss, num_classes)).to(session.device)
     optimizer = build_optimizer(job.optim, model.parameters())
-    steps_per_epoch = train_sampler(job, session, train_set, epoch=0).steps_per_epoch // job.train.grad_accum_steps
-    schedule = Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * job.train.epochs)
-    scaler = torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16")
-
+    # the schedule's length depends on the global batch only, never on how many workers run now
+    steps_per_epoch = train_sampler(job, session, train_set, epoch=0).steps_per_epoch
     worker = Worker(
-        job, session, storage, run_path, model, model, build_loss(job.loss, num_classes, train_set).to(session.device),
-        optimizer, schedule, scaler, train_set, val_set, Progress(), [],
-        Committer(job, session, storage, run_path), None, build_mixer(job.data, num_classes),
+        job=job, session=session, storage=storage, run_path=run_path, model=model, train_model=model,
+        loss_fn=build_loss(job.loss, num_classes, train_set).to(session.device), optimizer=optimizer,
+        schedule=Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * job.train.epochs),
+        scaler=torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16"),
+        train_set=train_set, val_set=val_set, progress=Progress(), history=[],
+        committer=Committer(job, session, storage, run_path), plan=PreemptionPlan(job.preemption.deadline_margin_s),
+        mixer=build_mixer(job.data, num_classes),
     )
     resume(worker)
-    worker.watcher = preemption.PreemptionWatcher(job.preemption, getattr(session, "preemption_info", None))
+    note_world_size(worker)
+    worker.watcher = preemption.PreemptionWatcher(job.preemption, drain=session.drain)
     worker.watcher.start()
-    # DDP after loading the state: every rank starts from the same weights either way
+    # build, load the state, convert BatchNorm, then wrap for DDP: every rank starts from the same weights
+    worker.model = worker.train_model = sync_batchnorm(model, job.train.sync_batchnorm, session.device,
+                                                       session.world_size, announce=worker.is_chief)
     if session.world_size > 1:
         device_ids = [session.device.index] if session.device.type == "cuda" else None
-        worker.train_model = DistributedDataParallel(model, device_ids=device_ids)
+        worker.train_model = DistributedDataParallel(worker.model, device_ids=device_ids)
     return worker
+
+
+def global_batch(job: JobConfig) -> int:
+    """Samples per optimizer step, the same at every world size (elastic runs shrink and grow)."""
+    return job.train.batch_size * job.train.grad_accum_steps * job.scaling.num_workers
+
+
+def note_world_size(worker: Worker) -> None:
+    """Say (log and history) when a resumed run trains on another number of workers than before, and why."""
+    before, now = worker.progress.world_size, worker.session.world_size
+    worker.progress.world_size = now
+    if not before or before == now or not worker.is_chief:
+        return
+    last = next((r.get("checkpoint", "") for r in reversed(worker.history) if "checkpoint" in r), "")
+    if now > before:
+        why = "capacity came back"
+    elif str(last).startswith("preemption"):
+        why = "a node was preempted"
+    else:
+        why = "a node or worker was lost"
+    log.warning("training on %d of %d workers (was %d): %s; same global batch, same sample order",
+                now, worker.job.scaling.num_workers, before, why)
+    worker.history.append({"step": worker.progress.step, "epoch": worker.progress.epoch, "event": "resized",
+                           "world_size": now, "previous_world_size": before, "why": why})
 
 
 def seed_everything(seed: int) -> None:
@@ -149,14 +181,10 @@ def seed_everything(seed: int) -> None:
 
 
 def train_sampler(job: JobConfig, session: Session, train_set, epoch: int, start_position: int = 0) -> TrainBatchSampler:
-    accumulate = job.train.grad_accum_steps
-    max_steps = job.train.max_steps_per_epoch
     try:
         return TrainBatchSampler(
             len(train_set), job.train.batch_size, session.rank, session.world_size, job.seed, epoch,
-            start_position=start_position,
-            max_steps=max_steps * accumulate if max_steps else None,
-            steps_multiple_of=accumulate,
+            global_batch=global_batch(job), start_position=start_position, max_steps=job.train.max_steps_per_epoch,
         )
     except ValueError as error:
         raise UserError(f"data: {error}") from None
@@ -206,29 +234,29 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     sampler = train_sampler(job, session, worker.train_set, epoch, start_position=progress.position if epoch == progress.epoch else 0)
     loader = make_loader(worker, worker.train_set, sampler)
     progress.epoch = epoch
-    accumulate = job.train.grad_accum_steps
-    global_batch = job.train.batch_size * session.world_size
+    micro_per_step = sampler.micro_per_step
     loss_sum = torch.zeros((), device=worker.device)
-    micro_batches = images_seen = 0
-    started = time.perf_counter()
+    samples_here = images_seen = 0  # loss_sum / samples_here: this rank's mean loss since the last report
+    started = step_started = time.perf_counter()
     worker.train_model.train()
 
-    for micro, (images, masks) in enumerate(loader, start=1):
+    for index, (images, masks) in enumerate(loader):
+        micro = index % micro_per_step
+        size = sampler.sizes[micro]  # real samples in this micro-batch (0: a stand-in that must not count)
         images = images.to(worker.device, non_blocking=True)
         masks = masks.to(worker.device, non_blocking=True)
         if worker.mixer:
             # seeded by where this batch sits in the run, so a resumed run mixes it the same way
-            images, masks = worker.mixer(images, masks, seed=mix_seed(job.seed, epoch, progress.position, session.rank))
-        steps_now = micro % accumulate == 0
+            position = progress.position + sampler.micro_offset(micro)
+            images, masks = worker.mixer(images, masks, seed=mix_seed(job.seed, epoch, position, session.rank))
+        steps_now = micro == micro_per_step - 1
         sync = contextlib.nullcontext() if steps_now or session.world_size == 1 else worker.train_model.no_sync()
         with sync:
             with autocast(worker):
                 loss = training_loss(worker, worker.train_model(images), masks)
-            worker.scaler.scale(loss / accumulate).backward()
-        loss_sum += loss.detach()
-        micro_batches += 1
-        images_seen += global_batch
-        progress.position += global_batch
+            worker.scaler.scale(weighted(loss, size, sampler)).backward()
+        loss_sum += loss.detach() * size
+        samples_here += size
         if not steps_now:
             continue
 
@@ -237,27 +265,32 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         worker.optimizer.zero_grad(set_to_none=True)
         worker.schedule.after_step()
         progress.step += 1
+        progress.position += sampler.global_batch
+        images_seen += sampler.global_batch
         if progress.step % job.train.log_every_steps == 0 and worker.is_chief:
-            worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler), "train/step_loss": float(loss.detach())})
-        preempt, upload_done = agree(worker)
-        if upload_done:
-            worker.committer.flush()
+            worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler),
+                                   "position": progress.position, "train/step_loss": float(loss.detach())})
+        now = time.perf_counter()
+        worker.plan.observe_step(now - step_started)
+        preempt = between_steps(worker)
         every = job.train.checkpoint_every_steps
         due = every and progress.step % every == 0 and progress.position < sampler.epoch_samples
         if due or preempt:
-            metrics = {"epoch": epoch, "step": progress.step, "train/loss": mean_across_ranks(loss_sum, micro_batches),
+            metrics = {"epoch": epoch, "step": progress.step, "train/loss": mean_across_ranks(loss_sum, samples_here),
                        "lr": current_lr(worker.optimizer)}
             loss_sum.zero_()
-            micro_batches = 0
+            samples_here = 0
             if preempt:
-                checkpoint_for_preemption(worker, metrics)  # raises unless the notice was withdrawn
+                checkpoint_for_preemption(worker, metrics, final=preempt == "deadline")
             else:
                 save_and_report(worker, metrics, reason="steps")
+        step_started = time.perf_counter()
 
     train_seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": progress.step, "lr": current_lr(worker.optimizer)}
-    if micro_batches:
-        metrics["train/loss"] = mean_across_ranks(loss_sum, micro_batches)
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": progress.step, "lr": current_lr(worker.optimizer),
+                               "workers": session.world_size}
+    if samples_here:
+        metrics["train/loss"] = mean_across_ranks(loss_sum, samples_here)
     if (epoch + 1) % job.train.eval_every_epochs == 0 or epoch + 1 == job.train.epochs:
         metrics.update(evaluate(worker))
         worker.schedule.after_eval(metrics)
@@ -268,6 +301,14 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     if worker.is_chief:
         log.info(status_line(job, metrics, time.perf_counter() - started))
     return metrics
+
+
+def weighted(loss: torch.Tensor, size: int, sampler: TrainBatchSampler) -> torch.Tensor:
+    """This micro-batch's share of the step's loss: DDP averages over W ranks, so the gradient is the
+    mean over the step's G samples however they were split (at full size: loss / grad_accum_steps)."""
+    if size == 0:
+        return loss * 0.0
+    return loss / (sampler.global_batch / (size * sampler.world_size))
 
 
 def training_loss(worker: Worker, outputs: torch.Tensor | dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -331,6 +372,7 @@ def evaluate(worker: Worker) -> dict[str, float]:
 
 
 def mean_across_ranks(loss_sum: torch.Tensor, count: int) -> float:
+    """The mean over every rank's samples: loss_sum holds loss x samples per micro-batch."""
     totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
@@ -343,6 +385,8 @@ def epoch_fraction(progress: Progress, sampler: TrainBatchSampler) -> float:
 
 def status_line(job: JobConfig, metrics: dict[str, Any], seconds: float) -> str:
     parts = [f"epoch {metrics['epoch']}/{job.train.epochs}", f"step {metrics['step']}"]
+    if metrics.get("workers", job.scaling.num_workers) != job.scaling.num_workers:
+        parts.append(f"on {metrics['workers']}/{job.scaling.num_workers} workers")
     for key in ("train/loss", "val/loss", "val/miou", "val/pixel_acc"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4f}")
@@ -354,35 +398,72 @@ def status_line(job: JobConfig, metrics: dict[str, Any], seconds: float) -> str:
 # --- checkpoints ------------------------------------------------------------------------
 
 
-def agree(worker: Worker) -> tuple[bool, bool]:
-    """(a preemption notice on any rank, rank 0's upload finished), the same on every rank.
+def between_steps(worker: Worker) -> str | None:
+    """After every optimizer step, on every rank: report a finished upload, and say which
+    preemption checkpoint to take now ('now', 'deadline' or None)."""
+    job, progress = worker.job, worker.progress
+    if job.preemption.ray_drain and progress.step % job.preemption.ray_check_every_steps == 0:
+        # a barrier across ranks: called here, at a step every rank reaches, never from a side thread
+        worker.plan.ray_notice = worker.session.preemption_info() or worker.plan.ray_notice
+    agreed = agree(worker)
+    if agreed.upload_done:
+        worker.committer.flush()
+    return worker.plan.decide(agreed)
 
-    One tiny all-reduce per step: a notice seen by one node reaches all ranks within a step,
-    and every rank reports a finished upload at the same step (Ray needs equal report counts).
-    """
-    notice = worker.watcher.notice() if worker.watcher else None
-    flags = torch.tensor([notice is not None, worker.committer.upload_finished_here()], dtype=torch.int32)
+
+def agree(worker: Worker) -> Agreed:
+    """Every rank's flags, the same on every rank after one tiny all-reduce (MAX) per step: a notice
+    seen by one node reaches all ranks within a step, and every rank reports a finished upload at the
+    same step (Ray needs equal report counts). Deadlines travel negated, so MAX gives the earliest."""
+    here = worker.watcher.notice() if worker.watcher else None
+    notice, due, deadline = worker.plan.local_view(here)
+    source = NOTICE_SOURCES.index(here.source) + 1 if here and here.source in NOTICE_SOURCES else 0
+    flags = torch.tensor([notice, worker.committer.upload_finished_here(), due,
+                          -deadline if deadline else -math.inf, source], dtype=torch.float64)
     if worker.session.world_size > 1 and dist.is_available() and dist.is_initialized():
         flags = flags.to(worker.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    preempt, upload_done = (bool(flag) for flag in flags.tolist())
-    return preempt, upload_done
+    notice_any, upload_done, due_any, negated, source_any = flags.tolist()
+    worker.plan.source_elsewhere = NOTICE_SOURCES[int(source_any) - 1] if source_any else None
+    return Agreed(bool(notice_any), bool(upload_done), bool(due_any), -negated if math.isfinite(negated) else None)
 
 
-def checkpoint_for_preemption(worker: Worker, metrics: dict[str, Any]) -> None:
-    """Commit a checkpoint now; then stop with an error (Ray restarts and resumes) unless the notice is gone."""
-    notice = worker.watcher.notice() if worker.watcher else None
-    why = f"{notice.source}: {notice.detail}" if notice else "a notice on another worker"
-    log.warning("preemption notice (%s) at step %d: checkpointing now", why, worker.progress.step)
-    started = time.perf_counter()
-    save_and_report(worker, metrics, reason=f"preemption ({why})", wait=True)
+NOTICE_SOURCES = ("sigterm", "aws", "gcp")  # what a rank's own watcher can see, coded for the all-reduce
+
+
+def checkpoint_for_preemption(worker: Worker, metrics: dict[str, Any], final: bool) -> None:
+    """Commit a checkpoint now and go on training: Ray restarts the group at the deadline. After the
+    last one before the deadline, wait for that restart instead of training steps that would be lost."""
+    notice = (worker.watcher.notice() if worker.watcher else None) or worker.plan.ray_notice
+    if notice:
+        why = f"{notice.source}: {notice.detail}"
+    else:
+        why = f"{worker.plan.source_elsewhere or 'a'} notice on another worker"
+    left = worker.plan.seconds_left()
     if worker.is_chief:
-        log.warning("preemption checkpoint committed in %.1f s: %s", time.perf_counter() - started,
-                    worker.committer.last_committed or "FAILED")
-    still_preempted, _ = agree(worker)
-    if still_preempted:
-        raise Preempted(f"preempted ({why}); stopped after committing step {worker.progress.step}, resume continues from it")
-    log.warning("preemption notice withdrawn; training goes on")
+        log.warning("preemption notice (%s) at step %d%s: checkpointing now", why, worker.progress.step,
+                    f", {left:.0f} s to the deadline" if left is not None else "")
+    started = time.perf_counter()
+    save_and_report(worker, metrics, reason=f"preemption{' deadline' if final else ''} ({why})", wait=True)
+    seconds = time.perf_counter() - started
+    worker.plan.commit_seconds = max(worker.plan.commit_seconds, seconds)
+    if worker.is_chief:
+        log.warning("preemption checkpoint committed in %.1f s: %s", seconds, worker.committer.last_committed or "FAILED")
+    if final:
+        wait_for_restart(worker)
+
+
+def wait_for_restart(worker: Worker) -> None:
+    """Every rank idles until Ray tears the group down at the deadline (+ its grace); if that never
+    comes (no drain reached Ray), training goes on afterwards."""
+    left = worker.plan.seconds_left() or 0.0
+    until = time.time() + max(0.0, left) + worker.job.failure.preemption_grace_s + RESTART_SLACK_S
+    if worker.is_chief:
+        log.warning("waiting for the preemption: Ray restarts the group in about %.0f s", max(0.0, left))
+    while time.time() < until:
+        time.sleep(0.2)
+    if worker.is_chief:
+        log.warning("no restart came %.0f s after the preemption deadline; training goes on", RESTART_SLACK_S)
 
 
 def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, wait: bool = False) -> None:

@@ -6,20 +6,23 @@ Sources, checked in this order by `PreemptionWatcher.notice()`:
   `ray stop`). `install_sigterm_handler()` runs once per process from Ray's
   `worker_process_setup_hook` (the main thread: Train V2 runs the training function in a
   thread, where `signal.signal` raises). The notice is sticky: a SIGTERM is never taken back.
-- **ray**: `ray.train.get_preemption_info()` is not None (Ray drains the node, e.g. KubeRay
-  on a spot reclaim). Passed in as a callable so this module never imports Ray.
 - **aws**: EC2 spot `instance-action` through IMDSv2 (token, then GET; 404 = nothing), about
-  two minutes ahead.
+  two minutes ahead; the deadline is the notice's own `time`.
 - **gcp**: GCE `instance/preempted` = TRUE, about 30 s ahead.
 
 The cloud sources are polled by daemon threads every `poll_interval_s`; `notice()` only reads
 what they found, so the engine can call it every step. Off that cloud the first requests
 fail to connect; after 3 such failures with no answer ever the source is dropped.
 
-Flow: a notice on any rank → all ranks agree within a step and the engine commits a
-checkpoint at once → it stops with an error, which Ray counts as a failure and restarts
-from that checkpoint; if the notice is withdrawn meanwhile (AWS 404 again, GCP FALSE again)
-training simply goes on. After SIGTERM the process ends by itself within its grace period.
+Ray's own drain notices (`ray.train.get_preemption_info()`) are a barrier across ranks, so
+the engine asks for them from its training loop, never from here.
+
+When a notice arrives the watcher calls `drain(notice)` once, from a side thread: on Ray that
+asks Ray to drain this node with the PREEMPTION reason and the notice's deadline, so Ray's
+accounting (a preemption never uses up `failure.max_failures`), every rank's
+`get_preemption_info()` and the elastic policy all see it. A drain cannot be undone, so from
+then on the notice stays, even if the cloud withdraws it; a notice that drained nothing (no
+Ray, or `ray_drain: false`) may still be withdrawn.
 """
 
 from __future__ import annotations
@@ -46,11 +49,20 @@ log = logging.getLogger(__name__)
 class Notice(NamedTuple):
     source: str  # "sigterm" | "aws" | "gcp" | "ray"
     detail: str  # one line for logs and the run's history
+    deadline: float | None = None  # Unix time by which the work here must be safe; None: unknown
 
 
 def _utc(seconds: float | None = None) -> str:
     moment = datetime.datetime.fromtimestamp(time.time() if seconds is None else seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_utc(text: str) -> float | None:
+    try:
+        moment = datetime.datetime.strptime(str(text), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def _one_line(text: str, limit: int = 200) -> str:
@@ -72,6 +84,9 @@ def _one_line(text: str, limit: int = 200) -> str:
 # re-sends SIGTERM, so the process dies by the signal exactly as without us (exit -15/143).
 
 _DEFAULT_GRACE_S = 25.0  # Kubernetes kills at 30 s; GCP gives ~30 s
+# A SIGTERM notice's deadline comes this long before the process ends: Ray must restart the group
+# (a preemption) before this worker's own exit shows up as a worker failure.
+_DEADLINE_BEFORE_EXIT_S = 5.0
 _HARD_EXIT_AFTER_S = 5.0  # if chaining did not end the process (main thread stuck in C, threads left), os._exit
 
 _active_lock = threading.Lock()
@@ -147,7 +162,9 @@ def _on_sigterm(signum, frame) -> None:
         return
     first = _sigterm is None
     if first:
-        _sigterm = Notice("sigterm", f"SIGTERM received at {_utc()}")
+        now = time.time()
+        _sigterm = Notice("sigterm", f"SIGTERM received at {_utc(now)}",
+                          deadline=now + max(0.0, _grace_s - _DEADLINE_BEFORE_EXIT_S))
     if _previous is signal.SIG_IGN:  # SIGTERM was ignored before us: only the notice changes
         return
     if _expired or not first or _active <= 0:
@@ -212,6 +229,8 @@ _CONNECT_TIMEOUT_S = 1.0
 _READ_TIMEOUT_S = 2.0
 _GIVE_UP_AFTER = 3  # connection failures in a row, before any answer: not on this cloud
 _AWS_TOKEN_TTL_S = 21600
+_AWS_NOTICE_S = 120.0  # an instance-action without a readable time: AWS's documented two minutes
+_GCP_NOTICE_S = 30.0  # GCE stops a preempted VM about 30 s after instance/preempted turns TRUE
 
 
 class _Connection(http.client.HTTPConnection):
@@ -269,9 +288,11 @@ class _Aws:
         try:
             action = json.loads(body)
             detail = f"instance-action {action['action']} at {action['time']}"
+            deadline = _parse_utc(action["time"])
         except (ValueError, KeyError, TypeError):
             detail = f"instance-action {_one_line(body)}"
-        return Notice("aws", _one_line(detail))
+            deadline = None
+        return Notice("aws", _one_line(detail), deadline or time.time() + _AWS_NOTICE_S)
 
     def _get_instance_action(self) -> tuple[int, str]:
         headers = {"X-aws-ec2-metadata-token": self._fresh_token()}
@@ -303,53 +324,46 @@ class _Gcp:
             raise _Unexpected(f"instance/preempted answered HTTP {status}")
         value = body.strip().upper()
         if value == "TRUE":
-            return Notice("gcp", "instance/preempted TRUE")
+            return Notice("gcp", "instance/preempted TRUE", time.time() + _GCP_NOTICE_S)
         if value == "FALSE":
             return None
         raise _Unexpected(f"instance/preempted answered {_one_line(body, 40)!r}")
 
 
-class _Ray:
-    name = "ray"
-
-    def __init__(self, preemption_info: Callable[[], object | None]):
-        self.preemption_info = preemption_info
-
-    def check(self) -> Notice | None:
-        try:
-            info = self.preemption_info()
-        except Exception as error:  # never "unreachable": Ray is there, keep asking
-            raise _Unexpected(f"get_preemption_info() failed: {error}") from error
-        return None if info is None else Notice("ray", _describe_ray(info))
+# The machine's own metadata address, as the cloud SDKs read it (botocore, google-auth): a node's
+# environment wins over the job file, which is the same on every node.
+AWS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+GCE_HOST_ENV = "GCE_METADATA_HOST"
 
 
-def _describe_ray(info: object) -> str:
-    parts = []
-    deadline_ms = getattr(info, "deadline_ms", None)
-    if deadline_ms:
-        parts.append(f"deadline {_utc(deadline_ms / 1000)}")
-    ranks = getattr(info, "preempted_ranks", None)
-    if ranks is not None:
-        parts.append(f"ranks {list(ranks)}")
-    return _one_line("node preemption" + (": " + ", ".join(parts) if parts else f": {info!r}"))
+def _gce_base_url() -> str | None:
+    host = os.environ.get(GCE_HOST_ENV, "").strip()
+    if not host:
+        return None
+    return host if "://" in host else f"http://{host}"
 
 
 class PreemptionWatcher:
-    """Polls the configured sources in daemon threads; `notice()` is a cheap read."""
+    """Polls the cloud sources in daemon threads; `notice()` is a cheap read.
 
-    def __init__(self, cfg: PreemptionSection, ray_preemption_info: Callable[[], object | None] | None = None):
+    `drain(notice)` (on Ray: drain this node for preemption) is called once, from a side
+    thread, for the first notice; it returns whether a drain was sent.
+    """
+
+    def __init__(self, cfg: PreemptionSection, drain: Callable[[Notice], bool] | None = None):
         self.cfg = cfg
+        self._drain = drain if cfg.ray_drain else None
         self._sources: list = []
-        if ray_preemption_info is not None and cfg.ray_drain:
-            self._sources.append(_Ray(ray_preemption_info))
         if cfg.aws_metadata_url:
-            self._sources.append(_Aws(cfg.aws_metadata_url))
+            self._sources.append(_Aws(os.environ.get(AWS_ENDPOINT_ENV) or cfg.aws_metadata_url))
         if cfg.gcp_metadata_url:
-            self._sources.append(_Gcp(cfg.gcp_metadata_url))
+            self._sources.append(_Gcp(_gce_base_url() or cfg.gcp_metadata_url))
         self._found: dict[str, Notice | None] = {source.name: None for source in self._sources}
+        self._drained: Notice | None = None  # the notice a drain was sent for: it stays
+        self._drain_started = False
         self._stop = threading.Event()
         self._threads: list[tuple[str, threading.Thread]] = []
-        self._lock = threading.Lock()  # start/stop only
+        self._lock = threading.Lock()  # start/stop and the one drain
 
     def start(self) -> None:
         with self._lock:
@@ -361,6 +375,11 @@ class PreemptionWatcher:
                     target=self._poll, args=(source, self._stop), name=f"segjob-preemption-{source.name}", daemon=True
                 )
                 self._threads.append((source.name, thread))
+                thread.start()
+            if self.cfg.sigterm and self._drain is not None:
+                thread = threading.Thread(target=self._wait_for_sigterm, args=(self._stop,),
+                                          name="segjob-preemption-sigterm", daemon=True)
+                self._threads.append(("sigterm", thread))
                 thread.start()
 
     def stop(self) -> None:
@@ -375,15 +394,40 @@ class PreemptionWatcher:
     def notice(self) -> Notice | None:
         if self.cfg.sigterm and _sigterm is not None:
             return _sigterm
-        for name in ("ray", "aws", "gcp"):
+        if self._drained is not None:
+            return self._drained
+        for name in ("aws", "gcp"):
             found = self._found.get(name)
             if found is not None:
                 return found
         return None
 
+    def drained(self) -> bool:
+        """A drain was sent for this node (the notice can no longer be withdrawn)."""
+        return self._drained is not None
+
     def polling(self) -> list[str]:
         """Sources still being polled (an unreachable cloud drops out after 3 failures)."""
-        return [name for name, thread in list(self._threads) if thread.is_alive()]
+        return [name for name, thread in list(self._threads) if thread.is_alive() and name != "sigterm"]
+
+    def _on_notice(self, notice: Notice) -> None:
+        with self._lock:
+            if self._drain is None or self._drain_started:
+                return
+            self._drain_started = True
+        try:
+            sent = self._drain(notice)
+        except Exception as error:  # never let a failed drain stop the checkpoint the notice asks for
+            log.warning("could not drain this node for preemption (%s); checkpointing anyway", _one_line(error))
+            return
+        if sent:
+            self._drained = notice
+
+    def _wait_for_sigterm(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if _signalled.wait(0.2) and _sigterm is not None:
+                self._on_notice(_sigterm)
+                return
 
     def _poll(self, source, stop: threading.Event) -> None:
         answered = False  # this source has answered once: failures from now on are transient
@@ -400,20 +444,26 @@ class PreemptionWatcher:
                 if answered and not warned:
                     log.warning("%s preemption poll failed (%s); keeping the last state", source.name, _one_line(error))
                     warned = True
-            except Exception as error:  # an odd answer, or the Ray call failed
-                answered = True
-                if not warned:
+            except Exception as error:  # an odd answer: off this cloud, something else may hold the address
+                if answered and not warned:
                     log.warning("%s preemption poll failed (%s); keeping the last state", source.name, _one_line(error))
-                    warned = True
+                elif not warned:
+                    log.debug("%s preemption poll failed (%s)", source.name, _one_line(error))
+                answered, warned = True, True
             else:
                 answered, failures, warned = True, 0, False
                 if stop.is_set():
                     return
-                before = self._found[source.name]
-                if found != before:
-                    if found is not None:
-                        log.warning("preemption notice from %s: %s", source.name, found.detail)
-                    else:
-                        log.warning("preemption notice from %s withdrawn", source.name)
-                self._found[source.name] = found
+                self._record(source.name, found)
             stop.wait(self.cfg.poll_interval_s)
+
+    def _record(self, name: str, found: Notice | None) -> None:
+        before = self._found[name]
+        if (found is None) != (before is None):
+            if found is not None:
+                log.warning("preemption notice from %s: %s", name, found.detail)
+            elif self._drained is None:
+                log.warning("preemption notice from %s withdrawn", name)
+        self._found[name] = found
+        if found is not None:
+            self._on_notice(found)

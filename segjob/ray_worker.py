@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any, Sequence
 
 import ray
@@ -23,6 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from . import engine
 from .config import JobConfig
 from .errors import UserError, setup_logging
+from .preemption import Notice
 from .storage import Storage, worker_env_vars
 
 log = logging.getLogger("segjob")
@@ -31,10 +33,14 @@ log = logging.getLogger("segjob")
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
+# Ray marks the head node with this resource (ray/_common/constants.py HEAD_NODE_RESOURCE_NAME)
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+
+
 class RaySession:
     """The engine's session on a Ray Train worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, job: JobConfig) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -42,14 +48,67 @@ class RaySession:
         storage = context.get_storage()
         # Ray accepts a checkpoint it does not upload only on its own filesystem object, inside the run folder
         self._filesystem = storage.storage_filesystem
+        self._grace_s = job.failure.preemption_grace_s
 
-    def preemption_info(self) -> Any:
-        """Set when Ray drains this node for preemption (KubeRay does; self-managed clusters don't)."""
-        return ray.train.get_preemption_info()
+    def preemption_info(self) -> Notice | None:
+        """Ray's drain notice for any node of the group (a barrier: every rank, same step)."""
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return None
+        deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        return Notice("ray", describe_preemption(info), deadline)
+
+    def drain(self, notice: Notice) -> bool:
+        deadline = notice.deadline
+        if deadline is not None and notice.source == "sigterm":
+            # this process ends at its own SIGTERM deadline: Ray's restart (deadline + grace) must come first
+            deadline -= self._grace_s
+        return drain_node_for_preemption(ray.get_runtime_context().get_node_id(), deadline,
+                                         f"segjob: preemption notice from {notice.source}: {notice.detail}")
 
     def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         checkpoint = Checkpoint(path=checkpoint_path, filesystem=self._filesystem) if checkpoint_path else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def describe_preemption(info: Any) -> str:
+    parts = []
+    if getattr(info, "deadline_ms", None):
+        moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.deadline_ms / 1000))
+        parts.append(f"deadline {moment}")
+    parts.append(f"ranks {list(getattr(info, 'preempted_ranks', []))}")
+    return "node preemption: " + ", ".join(parts)
+
+
+def drain_node_for_preemption(node_id: str, deadline: float | None, message: str) -> bool:
+    """Ask Ray to drain a node with the PREEMPTION reason, so Ray counts what follows as a preemption
+    (`max_preemption_failures`, never `max_failures`), tells every rank (`get_preemption_info()`)
+    and schedules nothing more there. True when the node is draining.
+
+    `node_id` is hex, as `ray drain-node` and the raylet's own SIGTERM drain pass it: a binary id
+    becomes the nil id, which GCS accepts and never drains. A drain cannot be undone. The head is
+    never drained: the run's controller lives there (a lost head ends the run anyway), and on a
+    one-node cluster nothing could ever run again.
+    """
+    from ray.core.generated import autoscaler_pb2
+
+    if node_id in ray._private.state.state.get_draining_nodes():
+        return True  # already draining (the raylet's own SIGTERM drain, or a cloud integration)
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    if node is None or HEAD_NODE_RESOURCE in node.get("Resources", {}):
+        log.warning("preemption notice on the head node: not draining it (the run's controller lives there)")
+        return False
+    deadline_ms = int(deadline * 1000) if deadline else 0  # 0: no deadline
+    gcs = ray._private.worker.global_worker.gcs_client
+    accepted, refusal = gcs.drain_node(
+        node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), message, deadline_ms
+    )
+    if not accepted:
+        log.warning("Ray refused to drain node %s for preemption: %s", node_id[:8], refusal)
+        return False
+    log.warning("asked Ray to drain node %s for preemption%s", node_id[:8],
+                f" by {time.strftime('%H:%M:%S', time.localtime(deadline))}" if deadline else "")
+    return True
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -59,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("log_label"):
         label_log_lines(config["log_label"])
     job = JobConfig.model_validate(config["job"])
-    engine.run(job, RaySession())
+    engine.run(job, RaySession(job))
 
 
 class _Label(logging.Filter):
@@ -131,14 +190,15 @@ def check_fits_local_cluster(job: JobConfig, use_gpu: bool) -> None:
     if os.environ.get("RAY_ADDRESS"):
         return  # a real cluster may autoscale
     have = ray.cluster_resources().get("CPU", 0)
-    need = job.scaling.num_workers * job.scaling.cpus_per_worker
+    fewest = job.scaling.fewest_workers  # an elastic group starts on what fits, from min_workers up
+    need = fewest * job.scaling.cpus_per_worker
     if need > have:
         raise UserError(
-            f"scaling: {job.scaling.num_workers} workers x {job.scaling.cpus_per_worker} CPUs need {need:g} CPUs, "
-            f"this local Ray has {have:g}; lower scaling.num_workers or scaling.cpus_per_worker"
+            f"scaling: {fewest} workers x {job.scaling.cpus_per_worker} CPUs need {need:g} CPUs, "
+            f"this local Ray has {have:g}; lower scaling.num_workers (or min_workers) or scaling.cpus_per_worker"
         )
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < job.scaling.num_workers:
-        raise UserError(f"scaling.use_gpu: {job.scaling.num_workers} workers need as many GPUs; this machine has fewer")
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < fewest:
+        raise UserError(f"scaling.use_gpu: {fewest} workers need as many GPUs; this machine has fewer")
 
 
 def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Sequence[Any] = (),
@@ -150,18 +210,46 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Se
     resources = {"CPU": job.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    # Ray's barriers (report, get_preemption_info) fail with a message after this long instead of hanging;
+    # the trainer reads it from this process's environment and passes it on to the controller
+    os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, str(job.failure.collective_timeout_s))
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "log_label": log_label},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=job.failure.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(job, use_gpu, resources),
         run_config=RunConfig(
             name=job.name,
             storage_path=storage.root,
             storage_filesystem=storage.pyarrow_fs(),
-            failure_config=FailureConfig(max_failures=job.failure.max_failures),
+            failure_config=failure_config(job),
             callbacks=list(callbacks),
         ),
+    )
+
+
+COLLECTIVE_TIMEOUT_ENV = "RAY_TRAIN_COLLECTIVE_TIMEOUT_S"
+
+
+def scaling_config(job: JobConfig, use_gpu: bool, resources: dict[str, float]) -> ScalingConfig:
+    """A fixed group, or an elastic one (min_workers..num_workers) that Ray shrinks when nodes go and grows back."""
+    scaling = job.scaling
+    elastic = scaling.fewest_workers < scaling.num_workers
+    return ScalingConfig(
+        num_workers=(scaling.fewest_workers, scaling.num_workers) if elastic else scaling.num_workers,
+        use_gpu=use_gpu, resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=scaling.resize_interval_s,
+    )
+
+
+def failure_config(job: JobConfig) -> FailureConfig:
+    """Worker and node losses use up max_failures; preemptions (drains with the PREEMPTION reason) their own budget."""
+    failure = job.failure
+    return FailureConfig(
+        max_failures=failure.max_failures,
+        max_preemption_failures=-1 if failure.max_preemptions is None else failure.max_preemptions,
+        relax_collectives_on_preemption=failure.relax_collectives_on_preemption,
+        preemption_grace_s=failure.preemption_grace_s,
     )
 
 

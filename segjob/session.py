@@ -10,6 +10,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .preemption import Notice
+
 
 class Session(Protocol):
     rank: int
@@ -18,6 +20,14 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         """Called by every rank the same number of times; checkpoint_path is rank 0's committed folder."""
+
+    def preemption_info(self) -> Notice | None:
+        """A drain for preemption of any node of the group, as the cluster sees it; the same on every rank.
+        A barrier: every rank calls it at the same step, from the training thread."""
+
+    def drain(self, notice: Notice) -> bool:
+        """Ask the cluster to drain this node for preemption by the notice's deadline (from a side
+        thread, at most once); False when there is nothing to drain."""
 
 
 class LocalSession:
@@ -31,3 +41,9 @@ class LocalSession:
 
     def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         self.reports.append((dict(metrics), checkpoint_path))
+
+    def preemption_info(self) -> Notice | None:
+        return None
+
+    def drain(self, notice: Notice) -> bool:
+        return False  # no cluster: the notice only makes the loop checkpoint

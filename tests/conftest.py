@@ -18,6 +18,20 @@ _bucket_numbers = itertools.count(1)
 _session_tag = os.urandom(3).hex()
 
 
+# Per-test limits (pytest-timeout) by marker; a test's own @pytest.mark.timeout wins. A test past
+# its limit fails with its name and the suite goes on: nothing can hang CI.
+TIMEOUT_BY_MARKER = {"multinode": 420, "ray": 420}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout"):
+            continue
+        limits = [limit for marker, limit in TIMEOUT_BY_MARKER.items() if item.get_closest_marker(marker)]
+        if limits:
+            item.add_marker(pytest.mark.timeout(max(limits)))
+
+
 def _unique_bucket_name() -> str:
     return f"segjob-test-{_session_tag}-{next(_bucket_numbers)}"
 

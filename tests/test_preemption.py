@@ -1,4 +1,4 @@
-"""Preemption notices from fake AWS/GCP metadata servers, a Ray callable, and real SIGTERMs to child processes."""
+"""Preemption notices from fake AWS/GCP metadata servers and real SIGTERMs to child processes, and the one drain each asks for."""
 
 from __future__ import annotations
 
@@ -53,11 +53,11 @@ def gcp():
 
 @pytest.fixture
 def watch():
-    """watch(cfg, ray_callable=None) -> a started watcher, stopped after the test."""
+    """watch(cfg, drain=None) -> a started watcher, stopped after the test."""
     watchers = []
 
-    def start(cfg, ray_preemption_info=None):
-        watcher = PreemptionWatcher(cfg, ray_preemption_info)
+    def start(cfg, drain=None):
+        watcher = PreemptionWatcher(cfg, drain)
         watcher.start()
         watchers.append(watcher)
         return watcher
@@ -79,7 +79,7 @@ def test_aws_notice_appears_and_is_withdrawn(aws, watch):
     announced = time.monotonic()
     notice = wait_for(watcher.notice)
     assert time.monotonic() - announced < 3 * POLL + 0.5
-    assert notice == Notice("aws", "instance-action terminate at 2026-11-23T14:00:00Z")
+    assert notice == Notice("aws", "instance-action terminate at 2026-11-23T14:00:00Z", 1795442400.0)  # its own time
 
     aws.withdraw()
     wait_for(lambda: watcher.notice() is None)
@@ -111,7 +111,10 @@ def test_gcp_true_then_false_again(gcp, watch):
     wait_for(lambda: gcp.requests >= 3)
     assert watcher.notice() is None
     gcp.announce()
-    assert wait_for(watcher.notice) == Notice("gcp", "instance/preempted TRUE")
+    announced = time.time()
+    notice = wait_for(watcher.notice)
+    assert notice[:2] == ("gcp", "instance/preempted TRUE")
+    assert announced + 29 < notice.deadline < time.time() + 30  # GCE stops the VM about 30 s later
     gcp.withdraw()
     wait_for(lambda: watcher.notice() is None)
     assert gcp.refused == 0  # the watcher always sends Metadata-Flavor
@@ -143,7 +146,7 @@ def test_a_source_that_answered_keeps_being_polled_and_keeps_its_state(watch):
     gcp.stop()  # a transient outage after answering: not "off GCP"
     time.sleep(5 * POLL)
     assert watcher.polling() == ["gcp"]
-    assert watcher.notice() == Notice("gcp", "instance/preempted TRUE")
+    assert watcher.notice()[:2] == ("gcp", "instance/preempted TRUE")
 
 
 def test_stop_is_fast_while_polling(aws, gcp, watch):
@@ -172,40 +175,86 @@ def test_fake_server_as_a_separate_process(watch):
         server.wait()
 
 
-def test_ray_source_and_order_of_sources(aws, gcp, watch):
-    class Info:  # shaped like ray.train.v2.api.preemption.PreemptionInfo
-        deadline_ms = 1_795_000_000_000
-        preempted_ranks = [1]
-
-    answers = {"info": None}
-    calls = []
-
-    def ray_info():
-        calls.append(time.monotonic())
-        return answers["info"]
-
+def test_order_of_sources(aws, gcp, watch):
     aws.announce(time="2026-11-23T14:00:00Z")
     gcp.announce()
-    watcher = watch(section(aws=aws.url, gcp=gcp.url), ray_info)
-    assert wait_for(watcher.notice).source == "aws"  # before gcp
-    answers["info"] = Info()
-    notice = wait_for(lambda: watcher.notice().source == "ray" and watcher.notice())
-    assert notice.detail == "node preemption: deadline 2026-11-18T11:06:40Z, ranks [1]"
-    answers["info"] = None
-    wait_for(lambda: watcher.notice().source == "aws")
-    gaps = [later - earlier for earlier, later in zip(calls, calls[1:])]
-    assert min(gaps) >= POLL * 0.9  # at most once per poll interval
+    watcher = watch(section(aws=aws.url, gcp=gcp.url))
+    wait_for(lambda: watcher.notice() and watcher._found["gcp"])
+    assert watcher.notice().source == "aws"  # before gcp
 
 
-def test_ray_source_ignored_when_ray_drain_is_off(watch):
-    watcher = watch(section(ray_drain=False), lambda: object())
+class Drains:
+    """A drain function that records its calls (on Ray: segjob.ray_worker.drain_node_for_preemption)."""
+
+    def __init__(self, accept: bool = True):
+        self.accept, self.calls = accept, []
+
+    def __call__(self, notice):
+        self.calls.append(notice)
+        return self.accept
+
+
+def test_a_notice_drains_once_and_then_cannot_be_withdrawn(aws, watch):
+    drains = Drains()
+    watcher = watch(section(aws=aws.url), drains)
+    aws.announce(time="2026-11-23T14:00:00Z")
+    notice = wait_for(watcher.notice)
+    wait_for(lambda: drains.calls)
+    time.sleep(5 * POLL)
+    assert drains.calls == [notice] and watcher.drained()
+    aws.withdraw()  # the node is draining for good: the notice stays
+    wait_for(lambda: aws.requests >= 10)
     time.sleep(3 * POLL)
-    assert watcher.notice() is None and watcher.polling() == []
+    assert watcher.notice() == notice
+
+
+def test_a_refused_drain_leaves_the_notice_withdrawable(gcp, watch):
+    drains = Drains(accept=False)
+    watcher = watch(section(gcp=gcp.url), drains)
+    gcp.announce()
+    wait_for(watcher.notice)
+    wait_for(lambda: drains.calls)
+    assert not watcher.drained()
+    gcp.withdraw()
+    wait_for(lambda: watcher.notice() is None)
+
+
+def test_no_drain_when_ray_drain_is_off(gcp, watch):
+    drains = Drains()
+    watcher = watch(section(gcp=gcp.url, ray_drain=False), drains)
+    gcp.announce()
+    wait_for(watcher.notice)
+    time.sleep(5 * POLL)
+    assert drains.calls == [] and not watcher.drained()
+
+
+def test_a_failing_drain_is_a_warning_not_a_crash(gcp, watch, caplog):
+    def broken(notice):
+        raise RuntimeError("GCS unreachable")
+
+    watcher = watch(section(gcp=gcp.url), broken)
+    gcp.announce()
+    wait_for(watcher.notice)
+    wait_for(lambda: "could not drain this node" in caplog.text)
+    assert watcher.notice() is not None and not watcher.drained()
+
+
+def test_sigterm_drains_with_its_deadline(monkeypatch, watch):
+    drains = Drains()
+    watcher = watch(section(), drains)
+    sigterm = Notice("sigterm", "SIGTERM received at x", deadline=time.time() + 20)
+    monkeypatch.setattr(preemption, "_sigterm", sigterm)
+    preemption._signalled.set()
+    try:
+        wait_for(lambda: drains.calls)
+    finally:
+        preemption._signalled.clear()
+    assert drains.calls == [sigterm] and watcher.notice() == sigterm
 
 
 def test_sigterm_notice_is_reported_only_when_enabled(monkeypatch, watch):
-    monkeypatch.setattr(preemption, "_sigterm", Notice("sigterm", "SIGTERM received at x"))
-    assert watch(section()).notice() == Notice("sigterm", "SIGTERM received at x")
+    monkeypatch.setattr(preemption, "_sigterm", Notice("sigterm", "SIGTERM received at x", 1.0))
+    assert watch(section()).notice() == Notice("sigterm", "SIGTERM received at x", 1.0)
     assert watch(section(sigterm=False)).notice() is None
 
 
@@ -338,3 +387,19 @@ def test_chains_to_the_ray_handler_installed_after_the_hook(training):
     lines = out.split()
     assert process.returncode == 1 and lines[-2:] == ["ray", "handler"]
     assert ("notice" in lines) == training  # kept training through the grace period only if active
+
+
+def test_a_nodes_metadata_address_wins_over_the_job_file(aws, gcp, monkeypatch, watch):
+    """On a cluster the job file is the same everywhere; a node's own environment names its metadata server."""
+    monkeypatch.setenv(preemption.AWS_ENDPOINT_ENV, aws.url)
+    monkeypatch.setenv(preemption.GCE_HOST_ENV, gcp.url.removeprefix("http://"))
+    aws.announce(time="2026-11-23T14:00:00Z")
+    gcp.announce()
+    watcher = watch(section(aws=closed_port_url(), gcp=closed_port_url()))
+    wait_for(lambda: watcher._found["aws"] and watcher._found["gcp"])
+    assert sorted(watcher.polling()) == ["aws", "gcp"]
+
+
+def test_a_disabled_source_stays_disabled_whatever_the_environment(aws, monkeypatch, watch):
+    monkeypatch.setenv(preemption.AWS_ENDPOINT_ENV, aws.url)
+    assert watch(section(aws=None)).polling() == []

@@ -1,10 +1,16 @@
-"""Batch samplers that make resume exact.
+"""Batch samplers that make resume exact, at any world size.
 
-An epoch's training order is one global permutation drawn from (seed, epoch). Step k of
-the epoch consumes the global slice [k*G, (k+1)*G) with G = batch_size * world_size, and
-rank r takes its own batch_size-long piece of that slice. The position saved in a
-checkpoint is therefore a number of samples into the global order, not a per-rank
-cursor: a run resumed with a different number of workers continues the same epoch
+An epoch's training order is one global permutation drawn from (seed, epoch). Optimizer
+step k of the epoch consumes the global slice [k*G, (k+1)*G), where G (the global batch,
+batch_size x grad_accum_steps x num_workers) is fixed for the run whatever the number of
+workers W that is running now. W ranks take the slice in micro-batches of at most
+batch_size: ceil(G / (W x batch_size)) micro-batches each, the slice split as evenly as
+possible. At full size every micro-batch holds batch_size samples; on fewer workers
+ranks take more (or uneven) micro-batches, and the engine weighs each micro-batch's loss
+by its sample count, so a step's gradient is the mean over the same G samples.
+
+The position saved in a checkpoint is a number of samples into the global order, always
+a multiple of G, so a run resumed on another number of workers continues the same epoch
 without repeating or skipping samples.
 
 Samplers yield (epoch, index) keys so the dataset can seed per-sample augmentation from
@@ -24,10 +30,13 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 class TrainBatchSampler:
-    """This rank's batches for the rest of one epoch, starting `start_position` samples in.
+    """This rank's micro-batches for the rest of one epoch, starting `start_position` samples in.
 
-    `max_steps` and `steps_multiple_of` count micro-batches. The last global batch is dropped when incomplete, so every rank runs the same number
-    of steps (DDP needs that).
+    `max_steps` counts optimizer steps. The last global batch is dropped when incomplete, so
+    every rank runs the same number of micro-batches (DDP needs that). `sizes` holds the
+    number of real samples in each of this rank's micro-batches of a step (the same every
+    step); a 0 there is a one-sample stand-in, which the engine weighs by zero (only when
+    batch_size is smaller than the world size and the slice runs out).
     """
 
     def __init__(
@@ -38,43 +47,56 @@ class TrainBatchSampler:
         world_size: int,
         seed: int,
         epoch: int,
+        global_batch: int,
         start_position: int = 0,
         max_steps: int | None = None,
-        steps_multiple_of: int = 1,
     ):
-        self.global_batch = batch_size * world_size
-        if num_samples < self.global_batch:
+        if global_batch < 1 or batch_size < 1:
+            raise ValueError(f"global batch {global_batch} and batch size {batch_size} must be positive")
+        self.global_batch = global_batch
+        if num_samples < global_batch:
             raise ValueError(
-                f"the training set has {num_samples} samples, fewer than one global batch "
-                f"({batch_size} per worker x {world_size} workers); lower train.batch_size or scaling.num_workers"
+                f"the training set has {num_samples} samples, fewer than one global batch ({global_batch}: "
+                "batch_size x grad_accum_steps x num_workers); lower train.batch_size, train.grad_accum_steps "
+                "or scaling.num_workers"
             )
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.rank, self.seed, self.epoch = rank, seed, epoch
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, epoch
         self.start_position = start_position
-        self.steps_per_epoch = num_samples // self.global_batch
+        self.steps_per_epoch = num_samples // global_batch
         if max_steps is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, max_steps)
-        # gradient accumulation: an epoch ends on an optimizer step
-        self.steps_per_epoch -= self.steps_per_epoch % steps_multiple_of
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch would have no optimizer step: {num_samples} samples, global batch {self.global_batch}, "
-                f"{steps_multiple_of} micro-batches per step; lower train.batch_size or train.grad_accum_steps"
-            )
+        self.micro_per_step = -(-global_batch // (world_size * batch_size))
+        self.slots = [micro_slots(global_batch, batch_size, world_size, micro) for micro in range(self.micro_per_step)]
+        self.sizes = [slots[rank][1] for slots in self.slots]
 
     @property
     def epoch_samples(self) -> int:
         """Samples one full epoch consumes across all ranks."""
         return self.steps_per_epoch * self.global_batch
 
+    def micro_offset(self, micro: int) -> int:
+        """Where micro-batch `micro` of a step starts in the step's slice (the same for every rank)."""
+        return micro * self.world_size * self.batch_size
+
     def __len__(self) -> int:
-        return max(0, self.epoch_samples - self.start_position) // self.global_batch
+        return max(0, self.epoch_samples - self.start_position) // self.global_batch * self.micro_per_step
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = epoch_order(self.num_samples, self.seed, self.epoch).tolist()
         for begin in range(self.start_position, self.epoch_samples - self.global_batch + 1, self.global_batch):
-            mine = begin + self.rank * self.batch_size
-            yield [(self.epoch, index) for index in order[mine : mine + self.batch_size]]
+            for slots in self.slots:
+                start, size = slots[self.rank]
+                picked = order[begin + start : begin + start + size] or [order[begin]]  # a zero-weight stand-in
+                yield [(self.epoch, index) for index in picked]
+
+
+def micro_slots(global_batch: int, batch_size: int, world_size: int, micro: int) -> list[tuple[int, int]]:
+    """(start in the step's slice, sample count) of every rank's piece of one micro-batch."""
+    chunk_start = micro * world_size * batch_size
+    chunk = max(0, min(world_size * batch_size, global_batch - chunk_start))
+    share, extra = divmod(chunk, world_size)
+    return [(chunk_start + rank * share + min(rank, extra), share + (rank < extra)) for rank in range(world_size)]
 
 
 class EvalBatchSampler:
