@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import random
 import time
 from typing import Any
@@ -41,9 +40,10 @@ from .metrics import ConfusionMatrix, predict_labels
 from .models import create_model
 from .models.batchnorm import sync_batchnorm
 from .optim import Schedule, build_optimizer, current_lr
-from .preemption_plan import Agreed, PreemptionPlan
+from .preemption_plan import PreemptionPlan
 from .runs import DONE_FILE
 from .session import Session
+from .step_flags import StepFlags
 from .storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -79,6 +79,7 @@ class Worker:
     history: list[dict[str, Any]]
     committer: Committer
     plan: PreemptionPlan
+    flags: StepFlags
     watcher: preemption.PreemptionWatcher | None = None
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
 
@@ -135,7 +136,7 @@ def setup(job: JobConfig, session: Session) -> Worker:
         scaler=torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16"),
         train_set=train_set, val_set=val_set, progress=Progress(), history=[],
         committer=Committer(job, session, storage, run_path), plan=PreemptionPlan(job.preemption.deadline_margin_s),
-        mixer=build_mixer(job.data, num_classes),
+        flags=StepFlags(session.world_size), mixer=build_mixer(job.data, num_classes),
     )
     resume(worker)
     note_world_size(worker)
@@ -286,6 +287,8 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
                 save_and_report(worker, metrics, reason="steps")
         step_started = time.perf_counter()
 
+    # every rank here: the flags in flight are dropped; what they said (a notice, a finished upload) is sent again
+    worker.flags.finish()
     train_seconds = time.perf_counter() - started
     metrics: dict[str, Any] = {"epoch": epoch + 1, "step": progress.step, "lr": current_lr(worker.optimizer),
                                "workers": session.world_size}
@@ -405,30 +408,16 @@ def between_steps(worker: Worker) -> str | None:
     if job.preemption.ray_drain and progress.step % job.preemption.ray_check_every_steps == 0:
         # a barrier across ranks: called here, at a step every rank reaches, never from a side thread
         worker.plan.ray_notice = worker.session.preemption_info() or worker.plan.ray_notice
-    agreed = agree(worker)
+    here = worker.watcher.notice() if worker.watcher else None
+    notice, due, deadline = worker.plan.local_view(here)
+    agreed = worker.flags.exchange(notice, worker.committer.upload_finished_here(), due, deadline,
+                                   here.source if here else None)
+    if agreed is None:
+        return None
+    agreed, worker.plan.source_elsewhere = agreed
     if agreed.upload_done:
         worker.committer.flush()
     return worker.plan.decide(agreed)
-
-
-def agree(worker: Worker) -> Agreed:
-    """Every rank's flags, the same on every rank after one tiny all-reduce (MAX) per step: a notice
-    seen by one node reaches all ranks within a step, and every rank reports a finished upload at the
-    same step (Ray needs equal report counts). Deadlines travel negated, so MAX gives the earliest."""
-    here = worker.watcher.notice() if worker.watcher else None
-    notice, due, deadline = worker.plan.local_view(here)
-    source = NOTICE_SOURCES.index(here.source) + 1 if here and here.source in NOTICE_SOURCES else 0
-    flags = torch.tensor([notice, worker.committer.upload_finished_here(), due,
-                          -deadline if deadline else -math.inf, source], dtype=torch.float64)
-    if worker.session.world_size > 1 and dist.is_available() and dist.is_initialized():
-        flags = flags.to(worker.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    notice_any, upload_done, due_any, negated, source_any = flags.tolist()
-    worker.plan.source_elsewhere = NOTICE_SOURCES[int(source_any) - 1] if source_any else None
-    return Agreed(bool(notice_any), bool(upload_done), bool(due_any), -negated if math.isfinite(negated) else None)
-
-
-NOTICE_SOURCES = ("sigterm", "aws", "gcp")  # what a rank's own watcher can see, coded for the all-reduce
 
 
 def checkpoint_for_preemption(worker: Worker, metrics: dict[str, Any], final: bool) -> None:

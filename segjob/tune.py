@@ -52,8 +52,11 @@ RESULTS_FILE, BEST_FILE, PLOT_FILE = "results.csv", "best.json", "search.png"
 # An evaluation result is one carrying this key (the engine always reports the validation loss)
 EVALUATION_KEY = "val/loss"
 # A trial's driver function only waits on its TorchTrainer: no CPU, so the workers get every core,
-# but a little memory, because Tune needs some resource to place it by
-TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# but a little memory, because Tune needs some resource to place it by. It runs on the head node
+# (Ray marks it with this resource), and so does its Train controller (Ray pins the controller to
+# the driver's node): a spot worker node that goes takes only workers with it, which Ray Train
+# restarts inside the trial, never a trial's driver (that would be a Tune failure).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2, "node:__internal_head__": 0.001}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
