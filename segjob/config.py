@@ -593,7 +593,7 @@ class PreemptionSection(Section):
     )
     deadline_margin_s: float = Field(
         3.0, ge=0.0, description="the last checkpoint before a preemption deadline is started this long earlier than "
-        "the measured commit time plus one step would need",
+        "the measured commit time plus two steps would need",
     )
     poll_interval_s: float = Field(5.0, gt=0.0, le=60.0, description="seconds between two polls of a metadata server")
 

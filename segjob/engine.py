@@ -94,21 +94,22 @@ class Worker:
 
 def run(job: JobConfig, session: Session) -> dict[str, Any]:
     """Train `job` to its last epoch (or from wherever storage says it stopped)."""
-    worker = setup(job, session)
-    final_metrics: dict[str, Any] = {}
-    try:
-        with preemption.training_active():
+    # a SIGTERM while this runs (the last upload and done.json included) waits out its grace period
+    with preemption.training_active():
+        worker = setup(job, session)
+        final_metrics: dict[str, Any] = {}
+        try:
             for epoch in range(worker.progress.epoch, job.train.epochs):
                 final_metrics = train_one_epoch(worker, epoch)
-    finally:
-        worker.committer.close()
-        if worker.watcher:
-            worker.watcher.stop()
-    if worker.is_chief and worker.progress.epoch >= job.train.epochs:
-        if final_metrics and worker.committer.last_committed is None:
-            # never call a run finished whose last checkpoint isn't in storage; Ray retries from the one before
-            raise RuntimeError("the final checkpoint could not be committed to storage; the run is not finished")
-        mark_done(worker, final_metrics or last_checkpoint_metrics(worker.history))
+        finally:
+            worker.committer.close()
+            if worker.watcher:
+                worker.watcher.stop()
+        if worker.is_chief and worker.progress.epoch >= job.train.epochs:
+            if final_metrics and worker.committer.last_committed is None:
+                # never call a run finished whose last checkpoint isn't in storage; Ray retries from the one before
+                raise RuntimeError("the final checkpoint could not be committed to storage; the run is not finished")
+            mark_done(worker, final_metrics or last_checkpoint_metrics(worker.history))
     return final_metrics
 
 
@@ -272,10 +273,13 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
             worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler),
                                    "position": progress.position, "train/step_loss": float(loss.detach())})
         now = time.perf_counter()
-        worker.plan.observe_step(now - step_started)
+        worker.plan.observe_step(now - step_started)  # from the last step's end: its checkpoint counts too
+        step_started = now
         preempt = between_steps(worker)
         every = job.train.checkpoint_every_steps
-        due = every and progress.step % every == 0 and progress.position < sampler.epoch_samples
+        # while a preemption is under way the deadline checkpoint is the one that matters: no upload queued before it
+        due = (every and progress.step % every == 0 and progress.position < sampler.epoch_samples
+               and not worker.plan.under_way())
         if due or preempt:
             metrics = {"epoch": epoch, "step": progress.step, "train/loss": mean_across_ranks(loss_sum, samples_here),
                        "lr": current_lr(worker.optimizer)}
@@ -285,7 +289,6 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
                 checkpoint_for_preemption(worker, metrics, final=preempt == "deadline")
             else:
                 save_and_report(worker, metrics, reason="steps")
-        step_started = time.perf_counter()
 
     # every rank here: the flags in flight are dropped; what they said (a notice, a finished upload) is sent again
     worker.flags.finish()
@@ -451,6 +454,7 @@ def wait_for_restart(worker: Worker) -> None:
         log.warning("waiting for the preemption: Ray restarts the group in about %.0f s", max(0.0, left))
     while time.time() < until:
         time.sleep(0.2)
+    worker.plan.expired = True  # every rank, after the same step: regular checkpoints again
     if worker.is_chief:
         log.warning("no restart came %.0f s after the preemption deadline; training goes on", RESTART_SLACK_S)
 

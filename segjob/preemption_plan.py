@@ -8,7 +8,7 @@
 The loop never raises or returns because of a notice: a rank that raises while Ray is
 waiting out a preemption is charged to `failure.max_failures`, and a run whose ranks all
 return ends as finished. The last checkpoint starts at deadline - (measured commit time +
-one step + `preemption.deadline_margin_s`), so the steps trained after the notice are kept.
+two steps + `preemption.deadline_margin_s`), so the steps trained after the notice are kept.
 
 Every decision reads only `Agreed` values (an all-reduce of every rank's flags, or Ray's
 `get_preemption_info()`, which Ray broadcasts), so all ranks checkpoint at the same steps.
@@ -42,6 +42,7 @@ class PreemptionPlan:
         self.active = False  # a notice was acted on in this worker group
         self.deadline: float | None = None
         self.final_done = False
+        self.expired = False  # the deadline passed and no restart came: back to the usual checkpoints
         self.commit_seconds = 0.0  # the slowest preemption checkpoint so far, notice to committed
         self.step_seconds = 0.0  # the slowest recent optimizer step on this rank
         self.source_elsewhere: str | None = None  # a notice's source on some rank (for the log of the others)
@@ -55,8 +56,9 @@ class PreemptionPlan:
         notices = [n for n in (watcher_notice, self.ray_notice) if n is not None]
         deadlines = [n.deadline for n in notices if n.deadline]
         deadline = min(deadlines, default=None)
+        # two steps: the one that sends this flag, and the one after, when every rank has read it
         due = (self.active and not self.final_done and self.deadline is not None
-               and time.time() >= self.deadline - (self.commit_seconds + self.step_seconds + self.margin_s))
+               and time.time() >= self.deadline - (self.commit_seconds + 2 * self.step_seconds + self.margin_s))
         return bool(notices), due, deadline
 
     def decide(self, agreed: Agreed) -> str | None:
@@ -65,7 +67,7 @@ class PreemptionPlan:
             if self.active:
                 # only a notice that drained nothing can go away (a drain is never undone)
                 log.warning("preemption notice withdrawn; training goes on")
-                self.active, self.deadline, self.final_done = False, None, False
+                self.active, self.deadline, self.final_done, self.expired = False, None, False, False
             return None
         if agreed.deadline is not None:
             self.deadline = agreed.deadline if self.deadline is None else min(self.deadline, agreed.deadline)
@@ -76,6 +78,10 @@ class PreemptionPlan:
             self.final_done = True
             return "deadline"
         return None
+
+    def under_way(self) -> bool:
+        """A preemption is coming: the deadline checkpoint is the one that matters, no other upload is queued."""
+        return self.active and not self.expired
 
     def seconds_left(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.time()

@@ -60,15 +60,34 @@ class RaySession:
 
     def drain(self, notice: Notice) -> bool:
         deadline = notice.deadline
-        if deadline is not None and notice.source == "sigterm":
+        if notice.source == "sigterm":
+            if being_shut_down_by_ray():
+                log.info("SIGTERM while Ray shuts this worker group down: not a preemption, nothing drained")
+                return False
             # this process ends at its own SIGTERM deadline: Ray's restart (deadline + grace) must come first
-            deadline -= self._grace_s
+            deadline = deadline - self._grace_s if deadline is not None else None
         return drain_node_for_preemption(ray.get_runtime_context().get_node_id(), deadline,
                                          f"segjob: preemption notice from {notice.source}: {notice.detail}")
 
     def report(self, metrics: dict[str, Any], checkpoint_path: str | None) -> None:
         checkpoint = Checkpoint(path=checkpoint_path, filesystem=self._filesystem) if checkpoint_path else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def being_shut_down_by_ray(settle_s: float = 1.0) -> bool:
+    """Whether Ray itself is taking this worker down (a group restart or resize also SIGTERMs workers):
+    its actor is no longer alive in GCS, or its placement group is gone. Draining the node then would
+    take a healthy machine out of the cluster for good."""
+    time.sleep(settle_s)  # Ray marks the actor and removes the group before its processes go
+    context = ray.get_runtime_context()
+    try:
+        actor = ray._private.state.state.actor_table(context.get_actor_id())
+        group = ray.util.get_current_placement_group()
+        group_state = ray.util.placement_group_table(group).get("state") if group else "CREATED"
+    except Exception as error:  # GCS unreachable: the node is probably going anyway
+        log.debug("could not ask GCS about this worker (%s)", error)
+        return False
+    return actor.get("State") != "ALIVE" or group_state != "CREATED"
 
 
 def describe_preemption(info: Any) -> str:

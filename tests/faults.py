@@ -49,3 +49,25 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def final_state(storage, run: str):
+    """The last committed checkpoint of `run`, loaded."""
+    from segjob import checkpoint
+
+    info = checkpoint.latest(storage, storage.path(run))
+    return checkpoint.load(storage, info, expected_run=run)
+
+
+def assert_same_as_reference(loaded, reference) -> None:
+    """Bit-identical final weights, every step exactly once, the same loss at every step."""
+    import torch
+
+    assert loaded.model_state.keys() == reference.model_state.keys()
+    for name, tensor in reference.model_state.items():
+        assert torch.equal(loaded.model_state[name], tensor), f"{name} differs from the uninterrupted run"
+    steps = [r["step"] for r in loaded.history if "train/step_loss" in r]
+    assert steps == list(range(1, steps[-1] + 1)), "every step exactly once in the history"
+    losses = {r["step"]: r["train/step_loss"] for r in loaded.history if "train/step_loss" in r}
+    reference_losses = {r["step"]: r["train/step_loss"] for r in reference.history if "train/step_loss" in r}
+    assert losses == reference_losses

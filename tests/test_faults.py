@@ -15,8 +15,7 @@ import threading
 import time
 
 import pytest
-import torch
-from faults import committed_steps, kill, train_worker_pids, wait_for
+from faults import assert_same_as_reference, committed_steps, final_state, kill, train_worker_pids, wait_for
 from servers import create_s3_bucket, start_moto_process, stop_process
 
 from segjob import checkpoint
@@ -40,27 +39,11 @@ def args(*overrides: str) -> list[str]:
     return [JOB, *[arg for override in [*FAULT_JOB, *overrides] for arg in ("--set", override)]]
 
 
-def final_state(storage):
-    info = checkpoint.latest(storage, storage.path(RUN))
-    return checkpoint.load(storage, info, expected_run=RUN)
-
-
-def assert_same_as_reference(loaded, reference):
-    assert loaded.model_state.keys() == reference.model_state.keys()
-    for name, tensor in reference.model_state.items():
-        assert torch.equal(loaded.model_state[name], tensor), f"{name} differs from the uninterrupted run"
-    steps = [r["step"] for r in loaded.history if "train/step_loss" in r]
-    assert steps == list(range(1, steps[-1] + 1)), "every step exactly once in the history"
-    losses = {r["step"]: r["train/step_loss"] for r in loaded.history if "train/step_loss" in r}
-    reference_losses = {r["step"]: r["train/step_loss"] for r in reference.history if "train/step_loss" in r}
-    assert losses == reference_losses
-
-
 @pytest.fixture(scope="module")
 def reference(ray_cluster, tmp_path_factory):
     storage_dir = tmp_path_factory.mktemp("reference")
     assert main(args(f"storage.uri={storage_dir}")) == 0
-    return final_state(open_storage(str(storage_dir)))
+    return final_state(open_storage(str(storage_dir)), RUN)
 
 
 @pytest.mark.parametrize("store", ["s3", "gcs"])
@@ -83,7 +66,7 @@ def test_sigkill_a_worker_mid_epoch_and_the_run_ends_identical(store, reference,
     killer.join(timeout=5)
     assert killed, "the worker was never killed"
     assert killed["after_step"] < 48, "killed before the run could finish"
-    assert_same_as_reference(final_state(storage), reference)
+    assert_same_as_reference(final_state(storage, RUN), reference)
 
 
 def test_sigkill_the_driver_and_the_same_command_resumes(reference, s3_env, tmp_path):
@@ -110,6 +93,6 @@ def test_sigkill_the_driver_and_the_same_command_resumes(reference, s3_env, tmp_
         assert again.returncode == 0, again.stderr[-3000:]
         assert f"resuming run '{RUN}' from step-" in again.stderr
         assert killed_after < 48
-        assert_same_as_reference(final_state(storage), reference)
+        assert_same_as_reference(final_state(storage, RUN), reference)
     finally:
         stop_process(server)

@@ -31,10 +31,10 @@ def test_a_notice_checkpoints_now_then_once_before_the_deadline():
 def test_the_deadline_checkpoint_leaves_room_for_a_commit_and_a_step():
     plan = PreemptionPlan(margin_s=1.0)
     plan.decide(agreed(deadline=time.time() + 10))
-    plan.commit_seconds, plan.step_seconds = 4.0, 2.0
-    # due: now >= deadline - (commit 4 + step 2 + margin 1)
+    plan.commit_seconds, plan.step_seconds = 4.0, 1.0
+    # due: now >= deadline - (commit 4 + two steps 2 + margin 1): the flag is read a step after it is sent
     assert plan.local_view(None)[1] is False
-    plan.deadline = time.time() + 8.0
+    plan.deadline = time.time() + 7.5
     assert plan.local_view(None)[1] is False
     plan.deadline = time.time() + 6.5
     assert plan.local_view(None)[1] is True
