@@ -1,13 +1,16 @@
 """One worker's training loop: set up, resume, train, evaluate, checkpoint, report.
 
     engine.run(job, LocalSession())          # one plain process
-    engine.run(job, RaySession())            # a Ray Train worker (segjob.ray_worker)
+    engine.run(job, RaySession(job))         # a Ray Train worker (segjob.ray_worker)
 
 The engine never imports Ray. Every rank runs this same function; rank 0 writes and
-commits checkpoints to storage, and every rank calls `session.report` the same number
-of times. Resume takes the newest committed checkpoint in storage, restores everything
-it holds (weights, optimizer, schedule, scaler, RNG, epoch, step and the position in
-the epoch's global sample order) and carries on mid-epoch if that is where it stopped.
+commits checkpoints to storage, and every rank calls `session.report` (and Ray's
+`get_preemption_info`, through the session) the same number of times, from this thread.
+Resume takes the newest committed checkpoint in storage, restores everything it holds
+(weights, optimizer, schedule, scaler, RNG, epoch, step and the position in the epoch's
+global sample order) and carries on mid-epoch if that is where it stopped, on any number
+of workers: every optimizer step takes the same global batch. A preemption notice makes
+it checkpoint at once and again before the deadline (segjob.preemption_plan), never stop.
 """
 
 from __future__ import annotations
