@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import types
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -682,7 +683,7 @@ def validate_job(raw: dict[str, Any], source: str = "job", overrides: dict[str, 
     try:
         job = JobConfig.model_validate(raw)
     except ValidationError as error:
-        problems = [_describe(e, raw) for e in error.errors()]
+        problems = _problems(error.errors(), raw)
         first_key = _error_key(error.errors()[0])
         where = source
         for key, override in (overrides or {}).items():
@@ -736,10 +737,41 @@ def _error_key(error: dict) -> str:
     return ".".join(str(part) for part in _user_loc(error["loc"]))
 
 
+def _problems(errors: list[dict], raw: dict) -> list[str]:
+    """One line per key: a value that fits no member of a union (auto or a boolean) fails once per
+    member in pydantic; the user hears of it once, with every form the key takes."""
+    by_key: dict[str, list[dict]] = {}
+    for error in errors:
+        by_key.setdefault(_error_key(error), []).append(error)
+    problems = []
+    for key, found in by_key.items():
+        if len(found) == 1:
+            problems.append(_describe(found[0], raw))
+        else:
+            forms = " or ".join(dict.fromkeys(_expected_form(e) for e in found))
+            problems.append(f"{key}: {found[0].get('input')!r} is not allowed; expected {forms}")
+    return problems
+
+
+def _expected_form(error: dict) -> str:
+    kind = error["type"]
+    if kind == "literal_error":
+        return error["ctx"].get("expected", "")
+    for prefix, form in (("bool", "true or false"), ("int", "an integer"), ("float", "a number"),
+                         ("none", "null"), ("string", "a string"), ("list", "a list")):
+        if kind.startswith(prefix):
+            return form
+    return error["msg"]
+
+
 def _user_loc(loc: tuple) -> list:
-    """Drop the union tags pydantic inserts (data.pets.root -> data.root)."""
+    """Drop the tags pydantic inserts: a tagged union's (data.pets.root -> data.root) and a plain
+    union's member (scaling.use_gpu.bool -> scaling.use_gpu)."""
     parts, model = [], JobConfig
     for part in loc:
+        if model is _MEMBER:  # the union member pydantic tried, not a key
+            model = None
+            continue
         if model is None:
             parts.append(part)
             continue
@@ -749,7 +781,21 @@ def _user_loc(loc: tuple) -> list:
         parts.append(part)
         field = model.model_fields.get(part) if isinstance(part, str) else None
         model = _section_type(field.annotation) if field else None
+        if model is None and field is not None and _plain_union(field.annotation):
+            model = _MEMBER
     return parts
+
+
+_MEMBER = object()  # marks the next part of a location as a union member's name
+
+
+def _plain_union(annotation: Any) -> bool:
+    """A union of plain values (auto or a boolean, ...); None does not count: pydantic names no member for it."""
+    if get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) not in (Union, types.UnionType):
+        return False
+    return len([member for member in get_args(annotation) if member is not type(None)]) > 1
 
 
 def _section_type(annotation: Any) -> Any:

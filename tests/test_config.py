@@ -57,6 +57,14 @@ def test_unknown_key_from_an_override_names_the_override(tmp_path):
     assert "--set train.epochz=4" in message and "did you mean 'epochs'" in message
 
 
+@pytest.mark.parametrize("key", ["scaling.use_gpu", "train.sync_batchnorm"])
+def test_a_value_fitting_no_form_of_a_key_is_one_line_with_every_form(tmp_path, key):
+    path = write_job(tmp_path, {"name": "x"})
+    message = error_of(path, [f"{key}=maybe"])
+    assert f"{key}: 'maybe' is not allowed; expected 'auto' or true or false" in message
+    assert "literal[" not in message and "more)" not in message
+
+
 def test_wrong_type_names_the_key_and_value(tmp_path):
     message = error_of(write_job(tmp_path, {"name": "x", "train": {"epochs": "many"}}))
     assert "train.epochs" in message and "integer" in message and "'many'" in message
