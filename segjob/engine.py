@@ -420,7 +420,7 @@ def between_steps(worker: Worker) -> str | None:
                                    here.source if here else None)
     if agreed is None:
         return None
-    agreed, worker.plan.source_elsewhere = agreed
+    worker.plan.source_elsewhere = agreed.source
     if agreed.upload_done:
         worker.committer.flush()
     return worker.plan.decide(agreed)

@@ -52,7 +52,8 @@ class Notice(NamedTuple):
     deadline: float | None = None  # Unix time by which the work here must be safe; None: unknown
 
 
-def _utc(seconds: float | None = None) -> str:
+def utc_stamp(seconds: float | None = None) -> str:
+    """A Unix time (default: now) as the clouds write it, 2026-11-23T14:00:00Z."""
     moment = datetime.datetime.fromtimestamp(time.time() if seconds is None else seconds, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -163,7 +164,7 @@ def _on_sigterm(signum, frame) -> None:
     first = _sigterm is None
     if first:
         now = time.time()
-        _sigterm = Notice("sigterm", f"SIGTERM received at {_utc(now)}",
+        _sigterm = Notice("sigterm", f"SIGTERM received at {utc_stamp(now)}",
                           deadline=now + max(0.0, _grace_s - _DEADLINE_BEFORE_EXIT_S))
     if _previous is signal.SIG_IGN:  # SIGTERM was ignored before us: only the notice changes
         return

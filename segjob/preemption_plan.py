@@ -33,6 +33,7 @@ class Agreed:
     upload_done: bool  # rank 0's background upload has finished
     deadline_due: bool  # some rank says the last checkpoint before the deadline must start now
     deadline: float | None  # the earliest deadline any rank knows (Unix time)
+    source: str | None = None  # where some rank's own notice came from (sigterm, aws, gcp), for the others' logs
 
 
 class PreemptionPlan:

@@ -24,7 +24,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from . import engine
 from .config import JobConfig
 from .errors import UserError, setup_logging
-from .preemption import Notice
+from .preemption import Notice, utc_stamp
 from .storage import Storage, worker_env_vars
 
 log = logging.getLogger("segjob")
@@ -93,8 +93,7 @@ def being_shut_down_by_ray(settle_s: float = 1.0) -> bool:
 def describe_preemption(info: Any) -> str:
     parts = []
     if getattr(info, "deadline_ms", None):
-        moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.deadline_ms / 1000))
-        parts.append(f"deadline {moment}")
+        parts.append(f"deadline {utc_stamp(info.deadline_ms / 1000)}")
     parts.append(f"ranks {list(getattr(info, 'preempted_ranks', []))}")
     return "node preemption: " + ", ".join(parts)
 

@@ -28,7 +28,7 @@ class StepFlags:
         self.pending: tuple[object, torch.Tensor] | None = None
 
     def exchange(self, notice: bool, upload_done: bool, due: bool, deadline: float | None,
-                 source: str | None) -> tuple[Agreed, str | None] | None:
+                 source: str | None) -> Agreed | None:
         """Send this step's flags; return the agreed ones of the step before (None when there is none yet)."""
         code = SOURCES.index(source) + 1 if source in SOURCES else 0
         flags = torch.tensor([notice, upload_done, due, -deadline if deadline else -math.inf, code],
@@ -40,7 +40,7 @@ class StepFlags:
         self.pending = (work, flags)
         return previous
 
-    def finish(self) -> tuple[Agreed, str | None] | None:
+    def finish(self) -> Agreed | None:
         """Wait for the exchange in flight (every rank at the same point, e.g. an epoch's end) and read it."""
         if self.pending is None:
             return None
@@ -50,8 +50,8 @@ class StepFlags:
         return self._read(flags)
 
     @staticmethod
-    def _read(flags: torch.Tensor) -> tuple[Agreed, str | None]:
+    def _read(flags: torch.Tensor) -> Agreed:
         notice, upload_done, due, negated, code = flags.tolist()
         deadline = -negated if math.isfinite(negated) else None
         source = SOURCES[int(code) - 1] if code else None
-        return Agreed(bool(notice), bool(upload_done), bool(due), deadline), source
+        return Agreed(bool(notice), bool(upload_done), bool(due), deadline, source)

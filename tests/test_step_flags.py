@@ -23,9 +23,9 @@ def _rank(rank: int, port: int, results) -> None:
             deadline = 1000.0 + rank if step >= 2 else None
             got = flags.exchange(notice, upload_done=rank == 0 and step == 3, due=False, deadline=deadline,
                                  source="aws" if notice else None)
-            seen.append(None if got is None else (got[0].notice, got[0].upload_done, got[0].deadline, got[1]))
+            seen.append(None if got is None else (got.notice, got.upload_done, got.deadline, got.source))
         last = flags.finish()
-        seen.append((last[0].notice, last[0].upload_done, last[0].deadline, last[1]))
+        seen.append((last.notice, last.upload_done, last.deadline, last.source))
         results[rank] = seen
     finally:
         dist.destroy_process_group()
@@ -50,7 +50,7 @@ def test_every_rank_reads_the_same_flags_one_step_late():
 
 def test_one_process_agrees_at_once():
     flags = StepFlags(world_size=1)
-    agreed, source = flags.exchange(True, False, True, 5.0, "sigterm")
-    assert (agreed.notice, agreed.deadline_due, agreed.deadline, source) == (True, True, 5.0, "sigterm")
-    assert flags.exchange(False, False, False, None, None)[0].deadline is None
+    agreed = flags.exchange(True, False, True, 5.0, "sigterm")
+    assert (agreed.notice, agreed.deadline_due, agreed.deadline, agreed.source) == (True, True, 5.0, "sigterm")
+    assert flags.exchange(False, False, False, None, None).deadline is None
     assert flags.finish() is None
