@@ -28,14 +28,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import create_s3_bucket, start_moto_process, stop_process  # noqa: E402  (the tests' S3 server)
 
-from segjob import checkpoint  # noqa: E402
-from segjob.commits import Committer  # noqa: E402
-from segjob.config import JobConfig  # noqa: E402
-from segjob.constants import IGNORE_INDEX  # noqa: E402
-from segjob.engine import cpu_copy  # noqa: E402
+from segjob.store import checkpoint  # noqa: E402
+from segjob.engine.committer import Committer  # noqa: E402
+from segjob.job.schema import JobConfig  # noqa: E402
+from segjob.data.labels import IGNORE_INDEX  # noqa: E402
+from segjob.engine.loop import cpu_copy  # noqa: E402
 from segjob.models import create_model  # noqa: E402
-from segjob.session import LocalSession  # noqa: E402
-from segjob.storage import open_storage  # noqa: E402
+from segjob.engine.session import LocalSession  # noqa: E402
+from segjob.store.storage import open_storage  # noqa: E402
 
 
 def snapshotter(model, optimizer):

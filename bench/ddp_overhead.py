@@ -331,7 +331,7 @@ def read_history(storage: Path) -> list[dict[str, Any]]:
 
 def global_batch_size(job_file: str) -> int:
     sys.path.insert(0, str(REPO))
-    from segjob.config import load_job
+    from segjob.job.load import load_job
 
     job = load_job(REPO / job_file)
     return job.train.batch_size * job.scaling.num_workers

@@ -39,11 +39,11 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from segjob.config import load_job, resolve_local_paths  # noqa: E402
+from segjob.job.load import load_job, resolve_local_paths  # noqa: E402
 from segjob.data import build_datasets  # noqa: E402
-from segjob.losses import build_loss, output_channels  # noqa: E402
+from segjob.learning.losses import build_loss, output_channels  # noqa: E402
 from segjob.models import create_model  # noqa: E402
-from segjob.optim import build_optimizer  # noqa: E402
+from segjob.learning.optim import build_optimizer  # noqa: E402
 
 IMPORTS_DONE = time.time()
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_segmentation import ReferenceDataset, SegmentationPresetTrain  # noqa: E402
 
-from segjob.config import AugmentConfig, CamVidData, LeafData, PetsData  # noqa: E402
+from segjob.job.schema import AugmentConfig, CamVidData, LeafData, PetsData  # noqa: E402
 from segjob.data import build_datasets  # noqa: E402
 
 SAME_AUGMENTATION = AugmentConfig(strength=1.0, scale=(0.5, 2.0), rotation=0, brightness=0, contrast=0,

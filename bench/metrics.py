@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from segjob.config import UNetConfig
+from segjob.job.schema import UNetConfig
 from segjob.data.synthetic import render_sample
-from segjob.metrics import ConfusionMatrix, ImageScores, assd_per_class, per_image_confusion, predict_labels
+from segjob.learning.metrics import assd_per_class, ConfusionMatrix, ImageScores, per_image_confusion, predict_labels
 from segjob.models import create_model
 
 

@@ -75,7 +75,7 @@ def build_model(which: str):
     """A segjob candidate's name, or an smp peer's."""
     if which in PEERS:
         return PEERS[which]()
-    from segjob.config import validate_job
+    from segjob.job.load import validate_job
     from segjob.models import create_model
 
     candidate = next(c for c in CANDIDATES if c.name == which)

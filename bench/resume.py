@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from faults import committed_steps, kill, train_worker_pids, wait_for  # noqa: E402
 
-from segjob import checkpoint  # noqa: E402
-from segjob.storage import open_storage  # noqa: E402
+from segjob.store import checkpoint  # noqa: E402
+from segjob.store.storage import open_storage  # noqa: E402
 from segjob.train import main as train  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     import ray
 
-    from segjob.ray_worker import runtime_env
+    from segjob.cluster.driver import runtime_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     results = []

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from segjob import engine
-from segjob.config import JobConfig
-from segjob.constants import IGNORE_INDEX
+from segjob.engine import loop
+from segjob.job.schema import JobConfig
+from segjob.data.labels import IGNORE_INDEX
 from segjob.data import build_datasets
 from segjob.models import create_model
-from segjob.session import LocalSession
+from segjob.engine.session import LocalSession
 
 
 def job_for(steps: int, threads: int, storage: str) -> JobConfig:
@@ -43,7 +43,7 @@ def job_for(steps: int, threads: int, storage: str) -> JobConfig:
 def engine_images_per_s(job: JobConfig) -> float:
     with tempfile.TemporaryDirectory() as storage:
         job = job.model_copy(update={"storage": job.storage.model_copy(update={"uri": storage})})
-        return engine.run(job, LocalSession("cpu"))["train/images_per_s"]
+        return loop.run(job, LocalSession("cpu"))["train/images_per_s"]
 
 
 def hand_loop_images_per_s(job: JobConfig) -> float:

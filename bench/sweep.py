@@ -30,10 +30,11 @@ from pathlib import Path
 import ray
 from ray.tune import Callback
 
-from segjob import ray_worker
+from segjob.cluster import driver
 from segjob.errors import setup_logging
-from segjob.sweep import load_sweep
-from segjob.tune import build_tuner, default_concurrency, prepare
+from segjob.job.sweep import load_sweep
+from segjob.cluster.tuner import build_tuner, default_concurrency
+from segjob.tune import prepare
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "jobs" / "tune_quickstart.yaml"
 
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="Optuna's seed: which configurations, in which order")
     args = parser.parse_args()
     setup_logging()
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, runtime_env=ray_worker.runtime_env())
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, runtime_env=driver.runtime_env())
     with tempfile.TemporaryDirectory(prefix="segjob-bench-sweep-") as runs:
         sweeps = [run_sweep(scheduler, runs, args.trials, args.epochs, args.seed) for scheduler in ("asha", "none")]
     ray.shutdown()

@@ -38,12 +38,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from . import figures
-from .constants import IGNORE_INDEX
-from .errors import UserError, exits_cleanly_on_user_error, setup_logging
-from .losses import build_loss
-from .metrics import ConfusionMatrix, ImageScores, predict_labels
-from .trained import Trained, add_checkpoint_arguments, data_overrides, load_trained
+from segjob.data.labels import IGNORE_INDEX
+from segjob.engine.evaluation import labels_of, logits_of
+from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.learning.losses import build_loss
+from segjob.learning.metrics import ConfusionMatrix, ImageScores, predict_labels
+from segjob.results import figures
+from segjob.results.trained import Trained, add_checkpoint_arguments, data_overrides, load_trained
 
 log = logging.getLogger("segjob")
 
@@ -91,18 +92,6 @@ class _Indexed(Dataset):
     def __getitem__(self, index: int):
         image, target = self.dataset[index]
         return index, image, target
-
-
-def labels_of(target: torch.Tensor) -> torch.Tensor:
-    """Label maps from either target form (soft: the likeliest class; ignored where all zero)."""
-    if not target.is_floating_point():
-        return target.long()
-    return target.argmax(dim=1).masked_fill(target.sum(dim=1) <= 0, IGNORE_INDEX)
-
-
-def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    outputs = model(images)
-    return outputs["out"] if isinstance(outputs, dict) else outputs
 
 
 @torch.inference_mode()

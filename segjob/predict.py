@@ -41,13 +41,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from tqdm import tqdm
 
-from . import figures
-from .constants import IGNORE_INDEX
-from .data.transforms import Depth, build_transform
-from .errors import UserError, exits_cleanly_on_user_error, setup_logging
-from .evaluate import logits_of
-from .metrics import predict_labels
-from .trained import Trained, add_checkpoint_arguments, data_overrides, load_trained
+from segjob.data.labels import IGNORE_INDEX
+from segjob.data.transforms import Depth, build_transform
+from segjob.engine.evaluation import logits_of
+from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.learning.metrics import predict_labels
+from segjob.results import figures
+from segjob.results.trained import Trained, add_checkpoint_arguments, data_overrides, load_trained
 
 log = logging.getLogger("segjob")
 

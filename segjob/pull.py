@@ -18,50 +18,23 @@ With --top K, DIR holds one folder per checkpoint, best first.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
-from .errors import UserError, exits_cleanly_on_user_error, setup_logging
-from .runs import flatten
-from .storage import Storage, open_storage, replace_dir
-from .sweep import TRIALS_DIR
+from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.store import checkpoint
+from segjob.store.ranking import Candidate, Ranking, format_table, rank
+from segjob.store.storage import Storage, open_storage, replace_dir
 
 log = logging.getLogger("segjob")
 
 PULLED_FILE = "pulled.json"  # what a pull wrote, where from: marks DIR as safe to replace by the next pull
-# Keys that differ between runs without saying anything about how they were trained
-NOT_PARAMS = ("name", "storage.")
-
-
-@dataclasses.dataclass
-class Candidate:
-    """A committed checkpoint, ranked by the metric."""
-
-    run: str  # the run's folder name: a trial id in a sweep
-    info: checkpoint.CheckpointInfo
-    value: float
-    params: dict[str, Any]  # the job keys whose values differ between the runs found
-
-    @property
-    def folder_name(self) -> str:
-        return f"{self.run}-{self.info.name}"
-
-
-@dataclasses.dataclass
-class Ranking:
-    metric: str
-    mode: str
-    candidates: list[Candidate]  # best first
-    runs: int  # runs found under the URI
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -93,85 +66,6 @@ def open_location(uri: str, endpoint_url: str | None = None) -> Storage:
     return storage
 
 
-def find_runs(storage: Storage, path: str) -> list[tuple[str, str]]:
-    """(name, path) of every run at or under `path`: the run itself, a sweep's trials, or a folder of runs."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
-    if storage.list_dirs(checkpoint.checkpoints_path(path)):
-        return [(name, path)]
-    children = storage.list_dirs(path)
-    parent = f"{path}/{TRIALS_DIR}" if TRIALS_DIR in children else path
-    names = storage.list_dirs(parent) if parent != path else children
-    return [(child, f"{parent}/{child}") for child in names
-            if storage.list_dirs(checkpoint.checkpoints_path(f"{parent}/{child}"))]
-
-
-def rank(storage: Storage, path: str, metric: str | None = None, mode: str | None = None) -> Ranking:
-    """Every committed checkpoint under `path` carrying the metric, best first (a newer one wins a tie)."""
-    committed = {name: checkpoint.list_committed(storage, run_path) for name, run_path in find_runs(storage, path)}
-    committed = {name: infos for name, infos in committed.items() if infos}
-    if not committed:
-        raise UserError(f"{display_uri(storage, path)}: no committed checkpoints found (a run, a sweep or a folder of runs)")
-    jobs = {name: infos[-1].meta.get("job") or {} for name, infos in committed.items()}
-    metric, mode = metric or _job_metric(jobs, "name", path, storage), mode or _job_metric(jobs, "mode", path, storage)
-    params = differing_params(jobs)
-    candidates = [
-        Candidate(name, info, value, params[name])
-        for name, infos in committed.items() for info in infos
-        if (value := checkpoint.metric_value(info, metric)) is not None
-    ]
-    if not candidates:
-        seen = sorted({key for infos in committed.values() for info in infos for key in info.metrics})
-        raise UserError(f"{display_uri(storage, path)}: no checkpoint carries '{metric}'; metrics seen: {', '.join(seen)}")
-    sign = -1.0 if mode == "max" else 1.0
-    candidates.sort(key=lambda c: (sign * c.value, -c.info.step, c.run))
-    return Ranking(metric, mode, candidates, len(committed))
-
-
-def differing_params(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per run, the job keys whose values are not the same in every run (what a sweep searched)."""
-    flat = {name: flatten(job) for name, job in jobs.items()}
-    keys = sorted({key for values in flat.values() for key in values})
-    varying = [key for key in keys if not key.startswith(NOT_PARAMS)
-               and len({json.dumps(values.get(key), sort_keys=True) for values in flat.values()}) > 1]
-    return {name: {key: values.get(key) for key in varying} for name, values in flat.items()}
-
-
-def _job_metric(jobs: dict[str, dict[str, Any]], field: str, path: str, storage: Storage) -> str:
-    found = {(job.get("metric") or {}).get(field) for job in jobs.values()} - {None}
-    if len(found) != 1:
-        flag = "--metric" if field == "name" else "--mode"
-        raise UserError(f"{display_uri(storage, path)}: the runs' jobs name {len(found)} different metric {field}s "
-                        f"({', '.join(sorted(map(str, found)))}); choose one with {flag}")
-    return found.pop()
-
-
-def display_uri(storage: Storage, path: str) -> str:
-    return path if storage.is_local else f"{storage.uri.split('://', 1)[0]}://{path}"
-
-
-def format_table(ranking: Ranking, limit: int | None = None) -> str:
-    rows = [["#", "run", "checkpoint", "epoch", ranking.metric, "params"]]
-    for number, candidate in enumerate(ranking.candidates[:limit], start=1):
-        rows.append([str(number), candidate.run, candidate.info.name, str(candidate.info.epoch),
-                     f"{candidate.value:.4f}", format_params(candidate.params)])
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
-    hidden = len(ranking.candidates) - len(rows) + 1
-    if hidden > 0:
-        lines.append(f"... and {hidden} more (--list shows all)")
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{key}={_short(value)}" for key, value in params.items()) or "-"
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float) and math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e4:
-        return f"{value:.3g}"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 # --- downloading ------------------------------------------------------------------------
@@ -184,7 +78,7 @@ def download(storage: Storage, chosen: list[Candidate], dest: Path, ranking: Ran
     for candidate in chosen:  # names from a listing become local folder names: refuse anything but plain names
         for name in (candidate.run, candidate.info.name):
             if name in ("", ".", "..") or "/" in name or "\\" in name:
-                raise UserError(f"{display_uri(storage, candidate.info.path)}: refusing unsafe name '{name}'")
+                raise UserError(f"{storage.display(candidate.info.path)}: refusing unsafe name '{name}'")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.partial-{uuid.uuid4().hex[:8]}")
     try:
@@ -194,7 +88,7 @@ def download(storage: Storage, chosen: list[Candidate], dest: Path, ranking: Ran
             partial.mkdir()
             for number, candidate in enumerate(chosen, start=1):
                 fetch_verified(storage, candidate, partial / f"{number:02d}-{candidate.folder_name}", ranking, number)
-            _write_json(partial / PULLED_FILE, {"source": display_uri(storage, storage.root), "checkpoints": [
+            _write_json(partial / PULLED_FILE, {"source": storage.display(storage.root), "checkpoints": [
                 f"{number:02d}-{candidate.folder_name}" for number, candidate in enumerate(chosen, start=1)]})
         replace_dir(partial, dest)
     finally:
@@ -206,9 +100,9 @@ def fetch_verified(storage: Storage, candidate: Candidate, folder: Path, ranking
     checkpoint.fetch(storage, candidate.info.path, folder)  # refuses keys with '..' or absolute paths
     loaded = checkpoint.load_folder(folder)  # every hash, and the safe loaders, or a UserError naming the file
     if loaded.meta.get("step") != candidate.info.step:
-        raise UserError(f"{display_uri(storage, candidate.info.path)}: meta.json changed while pulling; pull again")
+        raise UserError(f"{storage.display(candidate.info.path)}: meta.json changed while pulling; pull again")
     _write_json(folder / PULLED_FILE, {
-        "source": display_uri(storage, candidate.info.path), "run": candidate.run, "checkpoint": candidate.info.name,
+        "source": storage.display(candidate.info.path), "run": candidate.run, "checkpoint": candidate.info.name,
         "rank": number, "epoch": candidate.info.epoch, "step": candidate.info.step,
         "metric": ranking.metric, "mode": ranking.mode, "value": candidate.value, "params": candidate.params,
         "pulled_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -237,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     storage = open_location(args.uri, args.endpoint_url)
     ranking = rank(storage, storage.root, args.metric, args.mode)
-    where = display_uri(storage, storage.root)
+    where = storage.display(storage.root)
     log.info("%d checkpoints with %s in %d run(s) under %s, ranked (%s)",
              len(ranking.candidates), ranking.metric, ranking.runs, where, ranking.mode)
     print(format_table(ranking, None if args.list else max(args.top, 10)))

@@ -25,9 +25,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import figures
-from .errors import exits_cleanly_on_user_error, setup_logging
-from .trained import run_history
+from segjob.errors import exits_cleanly_on_user_error, setup_logging
+from segjob.results import figures
+from segjob.results.trained import run_history
 
 log = logging.getLogger("segjob")
 

@@ -14,11 +14,12 @@ import argparse
 import logging
 import time
 
-from . import checkpoint, runs
-from .config import JobConfig, add_job_arguments, load_job, resolve_local_paths
-from .check import preflight
-from .errors import exits_cleanly_on_user_error, setup_logging
-from .storage import Storage, open_storage
+from segjob.data.audit import preflight
+from segjob.errors import exits_cleanly_on_user_error, setup_logging
+from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
+from segjob.job.schema import JobConfig
+from segjob.store import checkpoint, run_folder
+from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
 
@@ -68,13 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     job = resolve_local_paths(load_job(args.job, args.overrides))
     storage, run_path = prepare(job, skip_bad=args.skip_bad)
     if args.restart and storage.list_dirs(run_path):
-        fresh = runs.fresh_run_name(storage, job.name)
+        fresh = run_folder.fresh_run_name(storage, job.name)
         log.info("--restart: starting run '%s' beside '%s', which is kept as it is", fresh, job.name)
         job = job.model_copy(update={"name": fresh})
         run_path = storage.path(fresh)
-    with runs.Lease(storage, run_path):
-        runs.check_same_job(storage, run_path, job, args.job)
-        done = runs.read_done(storage, run_path)
+    with run_folder.Lease(storage, run_path):
+        run_folder.check_same_job(storage, run_path, job, args.job)
+        done = run_folder.read_done(storage, run_path)
         if done and done.get("epochs", 0) >= job.train.epochs:
             log.info("run '%s' already finished (%d epochs, step %d); raise train.epochs to train on",
                      job.name, done["epochs"], done["step"])
@@ -84,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         if orphans:
             log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
 
-        from . import ray_worker  # Ray is imported only once the job is known to be valid
+        from segjob.cluster import driver  # Ray is imported only once the job is known to be valid
 
         started = time.perf_counter()
-        ray_worker.connect()
-        use_gpu = ray_worker.resolve_use_gpu(job)
-        ray_worker.check_fits_local_cluster(job, use_gpu)
-        ray_worker.forget_ray_snapshot(storage, run_path)
-        ray_worker.fit(ray_worker.build_trainer(job, storage, use_gpu))
+        driver.connect()
+        use_gpu = driver.resolve_use_gpu(job)
+        driver.check_fits_local_cluster(job, use_gpu)
+        driver.forget_ray_snapshot(storage, run_path)
+        driver.fit(driver.build_trainer(job, storage, use_gpu))
         log.info("run '%s' finished in %.0f s", job.name, time.perf_counter() - started)
         summarize(storage, run_path, job)
     return 0

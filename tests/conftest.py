@@ -10,7 +10,6 @@ import itertools
 import os
 
 import pytest
-
 from servers import create_gcs_bucket, create_s3_bucket, start_gcs_emulator, start_moto
 
 _bucket_numbers = itertools.count(1)
@@ -118,7 +117,7 @@ def ray_cluster(s3_endpoint, gcs_endpoint):
     """One local Ray (2 CPUs) for every integration test, started after the storage servers so
     its workers inherit their settings; workers get segjob's runtime env (SIGTERM handler)."""
     ray = pytest.importorskip("ray")
-    from segjob.ray_worker import runtime_env
+    from segjob.cluster.driver import runtime_env
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     yield ray

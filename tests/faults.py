@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from segjob import checkpoint
-from segjob.storage import Storage
+from segjob.store import checkpoint
+from segjob.store.storage import Storage
 
 
 def train_worker_pids() -> list[int]:
@@ -53,7 +53,7 @@ def kill(pid: int, sig: int = signal.SIGKILL) -> None:
 
 def final_state(storage, run: str):
     """The last committed checkpoint of `run`, loaded."""
-    from segjob import checkpoint
+    from segjob.store import checkpoint
 
     info = checkpoint.latest(storage, storage.path(run))
     return checkpoint.load(storage, info, expected_run=run)

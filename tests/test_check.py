@@ -11,11 +11,12 @@ from servers import closed_port_url
 from test_data import write_tiny_pets
 from test_data_formats import write_leaf, write_nyuv2, write_voc
 
-from segjob.check import check_data, check_datasets
 from segjob.check import main as check
-from segjob.config import LeafData, NYUv2Data, VOCData, load_job, resolve_local_paths
 from segjob.data import build_datasets
+from segjob.data.audit import check_data, check_datasets
 from segjob.errors import UserError
+from segjob.job.load import load_job, resolve_local_paths
+from segjob.job.schema import LeafData, NYUv2Data, VOCData
 from segjob.train import main as train
 from segjob.train import prepare
 

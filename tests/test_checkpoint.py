@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from segjob import checkpoint
 from segjob.errors import UserError
-from segjob.storage import open_storage
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 
 def tiny_model() -> torch.nn.Module:

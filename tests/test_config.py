@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segjob.config import JobConfig, load_job, resolve_local_paths
 from segjob.errors import UserError, exits_cleanly_on_user_error
+from segjob.job.load import load_job, resolve_local_paths
+from segjob.job.schema import JobConfig
 
 
 def write_job(tmp_path: Path, body: dict | str, name: str = "job.yaml") -> Path:

@@ -15,13 +15,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from segjob.config import AugmentConfig, PetsData, SyntheticData
-from segjob.constants import IGNORE_INDEX
 from segjob.data import DATASETS, build_datasets
 from segjob.data.base import mix_seed, sample_generator
+from segjob.data.labels import IGNORE_INDEX
 from segjob.data.pets import read_list
 from segjob.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from segjob.errors import UserError
+from segjob.job.schema import AugmentConfig, PetsData, SyntheticData
 
 
 def unnormalise(image: torch.Tensor) -> torch.Tensor:

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from segjob.config import CamVidData, FolderData, JobConfig, LeafData, NYUv2Data, VOCData, resolve_local_paths
-from segjob.constants import IGNORE_INDEX
 from segjob.data import build_datasets
-from segjob.data.labels import default_palette
+from segjob.data.labels import IGNORE_INDEX, default_palette
 from segjob.errors import UserError
+from segjob.job.load import resolve_local_paths
+from segjob.job.schema import CamVidData, FolderData, JobConfig, LeafData, NYUv2Data, VOCData
 
 RNG = np.random.default_rng(0)
 

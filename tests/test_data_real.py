@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from segjob.check import check_data
-from segjob.config import CamVidData, LeafData, VOCData
-from segjob.constants import IGNORE_INDEX
 from segjob.data import build_datasets
+from segjob.data.audit import check_data
+from segjob.data.labels import IGNORE_INDEX
+from segjob.job.schema import CamVidData, LeafData, VOCData
 
 
 def shared_data(folder: str) -> Path:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from test_data_formats import write_camvid, write_nyuv2
 
-from segjob.config import CamVidData, NYUv2Data
 from segjob.data import build_datasets, remote
 from segjob.errors import UserError
-from segjob.storage import Storage, open_storage
+from segjob.job.schema import CamVidData, NYUv2Data
+from segjob.store.storage import Storage, open_storage
 
 
 @pytest.fixture

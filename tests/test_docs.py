@@ -16,8 +16,8 @@ from typing import Annotated, Literal, Union
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from segjob import docs_reference
-from segjob.config import JobConfig
+from segjob.job import reference
+from segjob.job.schema import JobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -27,7 +27,7 @@ COMMANDS = ["train", "tune", "check", "pull", "evaluate", "predict", "report"]
 
 
 def test_job_reference_matches_the_schema():
-    fresh = docs_reference.render()
+    fresh = reference.render()
     committed = REFERENCE.read_text() if REFERENCE.exists() else ""
     if fresh != committed:
         changed = [line for line in fresh.splitlines() if line not in committed.splitlines()][:5]
@@ -41,13 +41,13 @@ def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     paths = []
     for name, info in model.model_fields.items():
         paths.append(prefix + name)
-        for suffix, section, _ in docs_reference.nested_sections(info.annotation):
+        for suffix, section, _ in reference.nested_sections(info.annotation):
             paths.extend(_leaf_paths(section, f"{prefix}{name}{suffix}."))
     return paths
 
 
 def test_job_reference_lists_every_key_of_every_section():
-    blocks = docs_reference.collect(JobConfig)
+    blocks = reference.collect(JobConfig)
     documented = {f"{block.path}.{row.key.strip('`')}".lstrip(".") for block in blocks.values() for row in block.rows}
     missing = sorted(set(_leaf_paths(JobConfig)) - documented)
     assert not missing, f"keys the reference leaves out: {missing}"
@@ -74,7 +74,7 @@ class _Sweep(BaseModel):
 
 
 def test_generator_handles_mappings_of_tagged_sections():
-    text = docs_reference.render(_Sweep)
+    text = reference.render(_Sweep)
     assert "## `space.<key>` with `kind: uniform`" in text
     assert "## `space.<key>` with `kind: choice`" in text
     assert "| `low` | number | `0.0` | ≥ 0.0 | lower \\| bound |" in text

@@ -6,10 +6,11 @@ import types
 import pytest
 import torch
 
-from segjob import checkpoint, engine
-from segjob.config import JobConfig
-from segjob.session import LocalSession
-from segjob.storage import open_storage
+from segjob.engine import loop
+from segjob.engine.session import LocalSession
+from segjob.job.schema import JobConfig
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 
 def tiny_job(storage_uri: str, data: dict | None = None, **train) -> JobConfig:
@@ -50,7 +51,7 @@ def reference(tmp_path_factory):
     """One uninterrupted run shared by the tests below."""
     uri = str(tmp_path_factory.mktemp("reference"))
     session = LocalSession("cpu")
-    metrics = engine.run(tiny_job(uri), session)
+    metrics = loop.run(tiny_job(uri), session)
     return uri, session, metrics
 
 
@@ -64,7 +65,7 @@ def test_a_run_reports_flat_metrics_and_commits_checkpoints(reference):
     assert [m["step"] for m, _ in session.reports] == [4, 6, 8, 12]
     assert all(path for _, path in session.reports)
     storage = open_storage(uri)
-    done = json.loads(storage.read_bytes(storage.path("tiny", engine.DONE_FILE)))
+    done = json.loads(storage.read_bytes(storage.path("tiny", loop.DONE_FILE)))
     assert done["epochs"] == 2 and done["step"] == 12
     # retention: best 1 by val/miou plus the newest
     assert 1 <= len(checkpoint.list_committed(storage, storage.path("tiny"))) <= 2
@@ -74,9 +75,9 @@ def test_resume_mid_epoch_ends_with_identical_weights_and_history(reference, tmp
     reference_uri, reference_session, _ = reference
     uri = str(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        engine.run(tiny_job(uri), CrashAfter(reports=3))  # dies after step 8, mid-epoch 2
+        loop.run(tiny_job(uri), CrashAfter(reports=3))  # dies after step 8, mid-epoch 2
     resumed = LocalSession("cpu")
-    engine.run(tiny_job(uri), resumed)
+    loop.run(tiny_job(uri), resumed)
     assert [m["step"] for m, _ in resumed.reports] == [12], "finished steps are not repeated"
 
     expected, actual = final_weights(reference_uri), final_weights(uri)
@@ -98,7 +99,7 @@ def test_resume_mid_epoch_ends_with_identical_weights_and_history(reference, tmp
 def test_a_finished_run_trains_no_further(reference):
     uri, _, _ = reference
     session = LocalSession("cpu")
-    engine.run(tiny_job(uri), session)
+    loop.run(tiny_job(uri), session)
     assert session.reports == []
 
 
@@ -109,7 +110,7 @@ def test_a_short_run_commits_to_object_storage(store, request):
     uri = f"{'s3' if store == 's3' else 'gs'}://{bucket}/runs"
     job = tiny_job(uri, epochs=1, max_steps_per_epoch=2, checkpoint_every_steps=0)
     job = job.model_copy(update={"storage": job.storage.model_copy(update={"endpoint_url": endpoint})})
-    engine.run(job, LocalSession("cpu"))
+    loop.run(job, LocalSession("cpu"))
     storage = open_storage(uri, endpoint_url=endpoint)
     [info] = checkpoint.list_committed(storage, storage.path("tiny"))
     assert info.step == 2 and "val/miou" in info.metrics
@@ -118,7 +119,7 @@ def test_a_short_run_commits_to_object_storage(store, request):
 
 def test_bf16_autocast_and_gradient_accumulation(tmp_path):
     session = LocalSession("cpu")
-    metrics = engine.run(tiny_job(str(tmp_path), epochs=1, amp="bf16", grad_accum_steps=2, checkpoint_every_steps=0), session)
+    metrics = loop.run(tiny_job(str(tmp_path), epochs=1, amp="bf16", grad_accum_steps=2, checkpoint_every_steps=0), session)
     assert metrics["step"] == 48 // 8 // 2, "one optimizer step per two micro-batches"
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -127,19 +128,19 @@ def test_fp16_without_a_gpu_is_a_clear_error(tmp_path):
     from segjob.errors import UserError
 
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        engine.run(tiny_job(str(tmp_path), amp="fp16"), LocalSession("cpu"))
+        loop.run(tiny_job(str(tmp_path), amp="fp16"), LocalSession("cpu"))
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, caplog):
     uri = str(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         # reports at steps 4, 6 (epoch end, kept as best) and 8 (mid-epoch, kept as newest)
-        engine.run(tiny_job(uri), CrashAfter(reports=3))
+        loop.run(tiny_job(uri), CrashAfter(reports=3))
     storage = open_storage(uri)
     assert [i.step for i in checkpoint.list_committed(storage, storage.path("tiny"))] == [6, 8]
     newest = checkpoint.latest(storage, storage.path("tiny"))
     (tmp_path / "tiny/checkpoints" / newest.name / checkpoint.MODEL_FILE).write_bytes(b"garbage")
-    worker = engine.setup(tiny_job(uri), LocalSession("cpu"))
+    worker = loop.setup(tiny_job(uri), LocalSession("cpu"))
     assert (worker.progress.epoch, worker.progress.step, worker.progress.position) == (1, 6, 0)
     assert "cannot resume from step-000000008" in caplog.text
     assert f"{newest.path}/model.safetensors: sha256 does not match" in caplog.text
@@ -150,11 +151,11 @@ def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
 
     uri = str(tmp_path)
     with pytest.raises(KeyboardInterrupt):
-        engine.run(tiny_job(uri, epochs=1), CrashAfter(reports=1))
+        loop.run(tiny_job(uri, epochs=1), CrashAfter(reports=1))
     bigger = tiny_job(uri, epochs=1)
     bigger = bigger.model_copy(update={"model": bigger.model.model_copy(update={"base_channels": 8})})
     with pytest.raises(UserError, match="no usable checkpoint .* weights don't fit this job's model"):
-        engine.setup(bigger, LocalSession("cpu"))
+        loop.setup(bigger, LocalSession("cpu"))
 
 
 def test_an_auxiliary_head_adds_its_weighted_loss():
@@ -165,17 +166,17 @@ def test_an_auxiliary_head_adds_its_weighted_loss():
     out, aux = torch.randn(2, 3, 5, 5, generator=generator), torch.randn(2, 3, 5, 5, generator=generator)
     target = torch.randint(0, 3, (2, 5, 5), generator=generator)
     expected = worker.loss_fn(out, target) + job.model.aux_weight * worker.loss_fn(aux, target)
-    torch.testing.assert_close(engine.training_loss(worker, {"out": out, "aux": aux}, target), expected)
-    torch.testing.assert_close(engine.training_loss(worker, out, target), worker.loss_fn(out, target))
+    torch.testing.assert_close(loop.training_loss(worker, {"out": out, "aux": aux}, target), expected)
+    torch.testing.assert_close(loop.training_loss(worker, out, target), worker.loss_fn(out, target))
 
 
 def test_mixup_and_cutmix_batches_train_and_resume_exactly(reference, tmp_path):
     """Mixed batches (soft targets) train, and a resumed run mixes each batch as the uninterrupted one did."""
     mixing = {"mixing": {"mixup": 0.5, "cutmix": 0.5, "alpha": 1.0}}
-    engine.run(tiny_job(str(tmp_path / "whole"), data=mixing), LocalSession("cpu"))
+    loop.run(tiny_job(str(tmp_path / "whole"), data=mixing), LocalSession("cpu"))
     with pytest.raises(KeyboardInterrupt):
-        engine.run(tiny_job(str(tmp_path / "cut"), data=mixing), CrashAfter(reports=2))
-    engine.run(tiny_job(str(tmp_path / "cut"), data=mixing), LocalSession("cpu"))
+        loop.run(tiny_job(str(tmp_path / "cut"), data=mixing), CrashAfter(reports=2))
+    loop.run(tiny_job(str(tmp_path / "cut"), data=mixing), LocalSession("cpu"))
     expected, actual = final_weights(str(tmp_path / "whole")), final_weights(str(tmp_path / "cut"))
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name

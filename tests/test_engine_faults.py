@@ -5,14 +5,15 @@ import logging
 import threading
 from urllib.parse import urlsplit
 
-import pytest
 from faults import committed_steps, wait_for
 from proxy import TcpProxy
-
-from segjob import checkpoint, engine, storage as storage_module
-from segjob.session import LocalSession
-from segjob.storage import open_storage
 from test_engine import tiny_job
+
+from segjob.engine import loop
+from segjob.engine.session import LocalSession
+from segjob.store import checkpoint
+from segjob.store import storage as storage_module
+from segjob.store.storage import open_storage
 
 
 class Warnings(logging.Handler):
@@ -51,7 +52,7 @@ def test_a_storage_cut_during_uploads_costs_checkpoints_not_training(s3_endpoint
     thread.start()
     session = LocalSession("cpu")
     try:
-        metrics = engine.run(job, session)
+        metrics = loop.run(job, session)
     finally:
         thread.join(timeout=10)
         logging.getLogger("segjob").removeHandler(warnings)

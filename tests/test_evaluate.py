@@ -12,14 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from segjob import checkpoint
-from segjob.errors import UserError
-from segjob.evaluate import best_median_worst, evaluate, labels_of, main
-from segjob.metrics import per_image_confusion
-from segjob.storage import open_storage
-from segjob.trained import load_trained
 from trained_runs import assert_figure, binary_run, pets_run, synthetic_run, upload_checkpoint
+
+from segjob.engine.evaluation import labels_of
+from segjob.errors import UserError
+from segjob.evaluate import best_median_worst, evaluate, main
+from segjob.learning.metrics import per_image_confusion
+from segjob.results.trained import load_trained
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 
 @pytest.fixture(scope="module")

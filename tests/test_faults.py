@@ -12,14 +12,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 from faults import assert_same_as_reference, committed_steps, final_state, kill, train_worker_pids, wait_for
 from servers import create_s3_bucket, start_moto_process, stop_process
 
-from segjob import checkpoint
-from segjob.storage import open_storage
+from segjob.store.storage import open_storage
 from segjob.train import main
 
 pytestmark = pytest.mark.ray

@@ -267,13 +267,13 @@ def test_rayjob_schema_rejects(case, rayjob_validator):
 def test_rayjob_retries_on_a_new_cluster_and_outlasts_the_preemption_checkpoint():
     from ray._private import ray_constants
 
-    from segjob import preemption
+    from segjob.engine.preemption import sigterm
 
     job = load_yaml(RAYJOB)
     assert job["spec"]["backoffLimit"] >= 1, "without retries a lost head ends the sweep"
     grace = _worker(job)["template"]["spec"]["terminationGracePeriodSeconds"]
     # Ray drains the node on SIGTERM, then segjob's own SIGTERM grace may still be running.
-    needed = ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S + preemption._DEFAULT_GRACE_S
+    needed = ray_constants.RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S + sigterm._DEFAULT_GRACE_S
     assert grace >= needed, f"terminationGracePeriodSeconds {grace} < Ray drain + segjob grace = {needed:g}"
 
 
@@ -300,7 +300,7 @@ def test_rayjob_matches_the_pinned_ray_and_image_and_holds_no_credentials():
 
 def test_rayjob_entrypoint_is_a_valid_segjob_command():
     """The job file the entrypoint names ships in the image and validates with its --set overrides."""
-    from segjob.sweep import load_sweep
+    from segjob.job.sweep import load_sweep
 
     words = shlex.split(load_yaml(RAYJOB)["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "segjob.tune"], words

@@ -37,8 +37,9 @@ import pytest
 from faults import committed_steps, kill, train_worker_pids, wait_for
 from servers import free_port, wait_until_answers
 
-from segjob import checkpoint, pull, runs
-from segjob.storage import open_storage
+from segjob import pull
+from segjob.store import checkpoint, run_folder
+from segjob.store.storage import open_storage
 
 pytestmark = pytest.mark.ray
 
@@ -186,10 +187,8 @@ def test_a_sweep_through_the_job_api_stops_early_survives_a_lost_worker_and_pull
     pulled = checkpoint.load_folder(tmp_path / "best")  # every hash verified again
     assert (pulled.meta["run"], pulled.meta["metrics"]["val/loss"]) == (best["trial"], best["value"])
 
-    try:
-        from segjob import evaluate
-    except ImportError:  # evaluate arrives with its own issue
-        return
+    from segjob import evaluate
+
     assert evaluate.main([str(tmp_path / "best"), "--out", str(tmp_path / "evaluation"), "--no-progress",
                           "--no-figures", "--no-assd"]) == 0
     figures = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())["metrics"]
@@ -230,7 +229,7 @@ def test_a_killed_sweep_driver_resumes_when_the_same_command_is_submitted_again(
         return storage.list_dirs(f"{sweep}/trials")
 
     def one_done_one_training():
-        done = [t for t in trials() if runs.read_done(storage, f"{sweep}/trials/{t}")]
+        done = [t for t in trials() if run_folder.read_done(storage, f"{sweep}/trials/{t}")]
         training = [t for t in trials() if t not in done and committed_steps(storage, f"{name}/trials/{t}")]
         return (done[0], training[0]) if done and training else None
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segjob.config import load_job
 from segjob.errors import UserError
+from segjob.job.load import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
@@ -33,7 +33,7 @@ def load(path: Path):
     """The validated job (for a sweep: its base job, after the whole sweep validated)."""
     raw = yaml.safe_load(path.read_text()) or {}
     if isinstance(raw, dict) and "tune" in raw:
-        from segjob.sweep import load_sweep
+        from segjob.job.sweep import load_sweep
 
         return load_sweep(path).job
     return load_job(path)

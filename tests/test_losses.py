@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pydantic import TypeAdapter
+from trained_runs import SegjobLog, tiny_job
 
-from segjob.config import LossConfig
-from segjob.constants import IGNORE_INDEX
+from segjob.data.labels import IGNORE_INDEX
 from segjob.errors import UserError
-from segjob.losses import (
+from segjob.job.schema import LossConfig
+from segjob.learning.losses import (
     LOSSES,
     build_loss,
     count_classes,
@@ -23,7 +24,6 @@ from segjob.losses import (
     output_channels,
     weights_from_counts,
 )
-from trained_runs import SegjobLog, tiny_job
 
 I = IGNORE_INDEX
 as_loss = TypeAdapter(LossConfig).validate_python
@@ -353,7 +353,7 @@ def test_unknown_loss_lists_the_valid_names():
 
 
 def test_the_job_file_names_a_bad_loss_key(tmp_path):
-    from segjob.config import load_job
+    from segjob.job.load import load_job
 
     path = tmp_path / "job.yaml"
     path.write_text("loss:\n  name: focal\n  gama: 2\n")
@@ -437,8 +437,8 @@ def test_frequency_weights_need_the_training_set_and_valid_labels():
 
 
 def test_frequency_weights_on_synthetic_data_are_identical_each_time():
-    from segjob.config import SyntheticData
     from segjob.data import build_datasets
+    from segjob.job.schema import SyntheticData
 
     train, _ = build_datasets(SyntheticData(num_classes=3, train_samples=12, val_samples=2, image_size=32), seed=1)
     first = loss_of(3, train_set=train, class_weights="median").class_weights
@@ -449,15 +449,15 @@ def test_frequency_weights_on_synthetic_data_are_identical_each_time():
 
 
 def test_the_engine_trains_with_weights_from_the_data_and_a_warmup(tmp_path):
-    from segjob import engine
-    from segjob.session import LocalSession
+    from segjob.engine import loop
+    from segjob.engine.session import LocalSession
 
     job = tiny_job("weighted", tmp_path, loss={"name": "focal+dice", "class_weights": "median", "frequency_samples": 16},
                    optim={"name": "sgd", "lr": 0.05, "nesterov": True,
                           "schedule": {"name": "poly", "warmup_steps": 2}},
                    train={"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 3, "log_every_steps": 1})
     with SegjobLog() as log:
-        metrics = engine.run(job, LocalSession("cpu"))
+        metrics = loop.run(job, LocalSession("cpu"))
     assert "loss.class_weights=median from 16 training samples" in log.text
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert metrics["lr"] == 0.0  # 3 steps: 2 of warmup, then poly over the last one, down to 0

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from segjob.constants import IGNORE_INDEX
-from segjob.metrics import (
+from segjob.data.labels import IGNORE_INDEX
+from segjob.learning.metrics import (
     ConfusionMatrix,
     ImageScores,
     assd,

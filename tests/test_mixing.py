@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from segjob.config import MixingConfig, SyntheticData
-from segjob.constants import IGNORE_INDEX
+from segjob.data.labels import IGNORE_INDEX
 from segjob.data.mixing import BatchMixer, beta_ratios, build_mixer, cutmix_box, soft_targets
+from segjob.job.schema import MixingConfig, SyntheticData
 
 K = 4
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
-from segjob.config import load_job, resolve_local_paths, validate_job
 from segjob.errors import UserError
+from segjob.job.load import load_job, resolve_local_paths, validate_job
 from segjob.models import EncoderUNet, PSPNet, SegNet, create_model
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"

@@ -9,10 +9,9 @@ import torch
 import torchvision.models as tv
 from torch import nn
 
-from segjob.config import DilatableEncoderName, EncoderName, PSPNetConfig, UNetConfig
 from segjob.errors import UserError
+from segjob.job.schema import DilatableEncoderName, EncoderName, PSPNetConfig, UNetConfig
 from segjob.models import ENCODERS, Encoder, create_model
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

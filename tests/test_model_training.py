@@ -9,11 +9,12 @@ import pytest
 import torch
 import torchvision.models as tv
 
-from segjob import checkpoint, engine
-from segjob.config import JobConfig
+from segjob.engine import loop
+from segjob.engine.session import LocalSession
+from segjob.job.schema import JobConfig
 from segjob.models import create_model
-from segjob.session import LocalSession
-from segjob.storage import open_storage
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 ARCHITECTURES = {
     "unet-resnet18-se": {"name": "unet", "encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8], "se": True},
@@ -41,7 +42,7 @@ def tiny_job(storage_uri: str, model: dict, **train) -> JobConfig:
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_one_epoch_trains_evaluates_and_checkpoints(architecture, tmp_path):
     job = tiny_job(str(tmp_path), ARCHITECTURES[architecture], amp="bf16" if "os16" in architecture else "off")
-    metrics = engine.run(job, LocalSession("cpu"))
+    metrics = loop.run(job, LocalSession("cpu"))
     assert metrics["step"] == 2
     assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/loss"])
     assert 0.0 <= metrics["val/miou"] <= 1.0
@@ -59,7 +60,7 @@ def test_frozen_pretrained_stages_do_not_move_in_training(tmp_path):
     weights = tmp_path / "mobilenet_v2.pth"
     torch.save(pretrained, weights)
     model = ARCHITECTURES["unet-mobilenet_v2-frozen"] | {"encoder_weights": str(weights)}
-    engine.run(tiny_job(str(tmp_path / "runs"), model), LocalSession("cpu"))
+    loop.run(tiny_job(str(tmp_path / "runs"), model), LocalSession("cpu"))
 
     storage = open_storage(str(tmp_path / "runs"))
     trained = checkpoint.load(storage, checkpoint.latest(storage, storage.path("zoo"))).model_state

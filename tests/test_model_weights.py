@@ -10,13 +10,12 @@ import torch
 import torchvision.models as tv
 from safetensors.torch import save as save_safetensors
 
-from segjob.config import PSPNetConfig, SegNetConfig, UNetConfig
 from segjob.errors import UserError
+from segjob.job.schema import PSPNetConfig, SegNetConfig, UNetConfig
 from segjob.models import create_model
 from segjob.models.input_channels import widen_rgb_filters
 from segjob.models.vgg import VGG16BNTrunk
-from segjob.storage import open_storage
-
+from segjob.store.storage import open_storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from segjob import checkpoint
-from segjob.config import PSPNetConfig, SegNetConfig, UNetConfig
 from segjob.errors import UserError
-from segjob.models import MODELS, EncoderUNet, PSPNet, SegNet, UNet, create_model
+from segjob.job.schema import PSPNetConfig, SegNetConfig, UNetConfig
+from segjob.models import MODELS, EncoderUNet, SegNet, UNet, create_model
 from segjob.models.blocks import DoubleConv, center_crop_to, match_size, pad_to, squeeze_excitation
+from segjob.store import checkpoint
 
 SIZES = [(64, 64), (37, 53), (360, 480)]  # square, odd, CamVid
 

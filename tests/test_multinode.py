@@ -21,6 +21,7 @@ import time
 
 import pytest
 from faults import assert_same_as_reference, committed_steps, final_state, wait_for
+from metadata_servers import FakeAwsMetadata
 from multinode import (
     FAST_NODE_DEATH,
     cluster_fixture,
@@ -32,11 +33,10 @@ from multinode import (
     run_driver,
     train_worker_pids_on,
 )
-from metadata_servers import FakeAwsMetadata
 from servers import closed_port_url, create_s3_bucket
 
-from segjob.preemption import AWS_ENDPOINT_ENV
-from segjob.storage import open_storage
+from segjob.engine.preemption.cloud import AWS_ENDPOINT_ENV
+from segjob.store.storage import open_storage
 
 pytestmark = [pytest.mark.ray, pytest.mark.multinode]
 
@@ -200,7 +200,7 @@ def _assert_pytests_own_ray_untouched():
 
 
 def newest_history(storage, run_path: str) -> list[dict]:
-    from segjob import checkpoint
+    from segjob.store import checkpoint
 
     return checkpoint.load(storage, checkpoint.latest(storage, storage.path(run_path))).history
 

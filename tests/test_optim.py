@@ -9,9 +9,10 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from segjob.config import OptimConfig, ScheduleConfig, load_job
 from segjob.errors import UserError
-from segjob.optim import Schedule, build_optimizer, current_lr
+from segjob.job.load import load_job
+from segjob.job.schema import OptimConfig, ScheduleConfig
+from segjob.learning.optim import Schedule, build_optimizer, current_lr
 
 as_schedule = TypeAdapter(ScheduleConfig).validate_python
 
@@ -55,7 +56,7 @@ def test_modes_follow_the_metric_unless_given():
     assert as_schedule({"name": "plateau"}).plateau_mode == "min"  # val/loss
     assert as_schedule({"name": "plateau", "plateau_metric": "val/miou"}).plateau_mode == "max"
     assert as_schedule({"name": "plateau", "plateau_metric": "val/miou", "plateau_mode": "min"}).plateau_mode == "min"
-    from segjob.config import MetricConfig
+    from segjob.job.schema import MetricConfig
 
     assert MetricConfig(name="val/loss").mode == "min" and MetricConfig().mode == "max"
     assert MetricConfig(name="val/dice/pet").mode == "max"
@@ -230,7 +231,7 @@ def test_torch_scheduler_states_from_older_checkpoints_still_resume(name):
 
 def test_jobs_recorded_with_the_flat_schedule_section_still_validate():
     """Checkpoints and job.json files written before schedules became a family hold every key."""
-    from segjob.config import JobConfig
+    from segjob.job.schema import JobConfig
 
     flat = {"name": "plateau", "power": 0.9, "step_epochs": 7, "gamma": 0.7, "min_lr": 0.0,
             "plateau_metric": "val/miou", "plateau_mode": "max", "plateau_factor": 0.5, "plateau_patience": 2}

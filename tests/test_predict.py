@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trained_runs import PETS_ROOT, assert_figure, binary_run, pets_run, synthetic_run, upload_checkpoint
 
-from segjob import checkpoint
-from segjob.config import JobConfig
 from segjob.errors import UserError
+from segjob.job.schema import JobConfig
 from segjob.models import UNet
 from segjob.predict import export_onnx, main, output_stems, prepare
-from segjob.storage import open_storage
-from segjob.trained import load_trained
-from trained_runs import PETS_ROOT, assert_figure, binary_run, pets_run, synthetic_run, upload_checkpoint
+from segjob.results.trained import load_trained
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from metadata_servers import FakeAwsMetadata, FakeGcpMetadata
-from segjob import preemption
-from segjob.config import PreemptionSection
-from segjob.preemption import Notice, PreemptionWatcher
 from servers import closed_port_url
+
+from segjob.engine.preemption import cloud, sigterm
+from segjob.engine.preemption.notice import Notice
+from segjob.engine.preemption.watcher import PreemptionWatcher
+from segjob.job.schema import PreemptionSection
 
 POLL = 0.1
 
@@ -242,18 +243,18 @@ def test_a_failing_drain_is_a_warning_not_a_crash(gcp, watch, caplog):
 def test_sigterm_drains_with_its_deadline(monkeypatch, watch):
     drains = Drains()
     watcher = watch(section(), drains)
-    sigterm = Notice("sigterm", "SIGTERM received at x", deadline=time.time() + 20)
-    monkeypatch.setattr(preemption, "_sigterm", sigterm)
-    preemption._signalled.set()
+    received = Notice("sigterm", "SIGTERM received at x", deadline=time.time() + 20)
+    monkeypatch.setattr(sigterm, "_sigterm", received)
+    sigterm._signalled.set()
     try:
         wait_for(lambda: drains.calls)
     finally:
-        preemption._signalled.clear()
-    assert drains.calls == [sigterm] and watcher.notice() == sigterm
+        sigterm._signalled.clear()
+    assert drains.calls == [received] and watcher.notice() == received
 
 
 def test_sigterm_notice_is_reported_only_when_enabled(monkeypatch, watch):
-    monkeypatch.setattr(preemption, "_sigterm", Notice("sigterm", "SIGTERM received at x", 1.0))
+    monkeypatch.setattr(sigterm, "_sigterm", Notice("sigterm", "SIGTERM received at x", 1.0))
     assert watch(section()).notice() == Notice("sigterm", "SIGTERM received at x", 1.0)
     assert watch(section(sigterm=False)).notice() is None
 
@@ -262,7 +263,7 @@ def test_sigterm_notice_is_reported_only_when_enabled(monkeypatch, watch):
 
 CHILD = """
 import contextlib, signal, sys, time
-from segjob.preemption import install_sigterm_handler, sigterm_notice, training_active
+from segjob.engine.preemption.sigterm import install_sigterm_handler, sigterm_notice, training_active
 install_sigterm_handler()
 install_sigterm_handler()  # idempotent: must not chain to itself
 print("ready", flush=True)
@@ -364,10 +365,12 @@ def test_chains_to_the_ray_handler_installed_after_the_hook(training):
         utils = types.ModuleType("ray._private.utils")
         utils.set_sigterm_handler = lambda handler: signal.signal(signal.SIGTERM, handler)
         sys.modules["ray._private.utils"] = utils
-        from segjob.preemption import install_sigterm_handler, sigterm_notice, training_active
-        install_sigterm_handler()                  # the worker_process_setup_hook
+        from segjob.cluster.process_setup import keep_ours_when_ray_sets_sigterm
+        from segjob.engine.preemption.sigterm import install_sigterm_handler, sigterm_notice, training_active
+        install_sigterm_handler()                  # the worker_process_setup_hook...
+        keep_ours_when_ray_sets_sigterm()
         utils.set_sigterm_handler(ray_handler)     # then Worker.main_loop(), as in Ray 2.60
-        assert signal.getsignal(signal.SIGTERM).__module__ == "segjob.preemption"
+        assert signal.getsignal(signal.SIGTERM).__module__ == "segjob.engine.preemption.sigterm"
         print("ready", flush=True)
         with (training_active() if TRAINING else contextlib.nullcontext()):
             while True:
@@ -391,8 +394,8 @@ def test_chains_to_the_ray_handler_installed_after_the_hook(training):
 
 def test_a_nodes_metadata_address_wins_over_the_job_file(aws, gcp, monkeypatch, watch):
     """On a cluster the job file is the same everywhere; a node's own environment names its metadata server."""
-    monkeypatch.setenv(preemption.AWS_ENDPOINT_ENV, aws.url)
-    monkeypatch.setenv(preemption.GCE_HOST_ENV, gcp.url.removeprefix("http://"))
+    monkeypatch.setenv(cloud.AWS_ENDPOINT_ENV, aws.url)
+    monkeypatch.setenv(cloud.GCE_HOST_ENV, gcp.url.removeprefix("http://"))
     aws.announce(time="2026-11-23T14:00:00Z")
     gcp.announce()
     watcher = watch(section(aws=closed_port_url(), gcp=closed_port_url()))
@@ -401,5 +404,5 @@ def test_a_nodes_metadata_address_wins_over_the_job_file(aws, gcp, monkeypatch, 
 
 
 def test_a_disabled_source_stays_disabled_whatever_the_environment(aws, monkeypatch, watch):
-    monkeypatch.setenv(preemption.AWS_ENDPOINT_ENV, aws.url)
+    monkeypatch.setenv(cloud.AWS_ENDPOINT_ENV, aws.url)
     assert watch(section(aws=None)).polling() == []

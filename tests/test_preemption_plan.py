@@ -6,13 +6,13 @@ import time
 
 import pytest
 import torch
-
-from segjob import engine, preemption
-from segjob.models.batchnorm import sync_batchnorm
-from segjob.preemption import Notice
-from segjob.preemption_plan import Agreed, PreemptionPlan
-from segjob.session import LocalSession
 from test_engine import final_weights, tiny_job
+
+from segjob.engine import loop
+from segjob.engine.preemption.notice import Notice
+from segjob.engine.preemption.plan import Agreed, PreemptionPlan
+from segjob.engine.session import LocalSession
+from segjob.models.batchnorm import sync_batchnorm
 
 
 def agreed(notice=True, due=False, deadline=None):
@@ -76,15 +76,15 @@ class NoticeAt(LocalSession):
 
 
 def test_the_engine_checkpoints_at_once_and_before_the_deadline_and_finishes(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "RESTART_SLACK_S", 0.2)  # no Ray here to restart the group: go on at once
+    monkeypatch.setattr(loop, "RESTART_SLACK_S", 0.2)  # no Ray here to restart the group: go on at once
     reference = tmp_path / "reference"
-    engine.run(tiny_job(str(reference)), LocalSession("cpu"))
+    loop.run(tiny_job(str(reference)), LocalSession("cpu"))
     uri = str(tmp_path / "preempted")
     job = tiny_job(uri).model_copy(deep=True)
     job.preemption.ray_check_every_steps = 1
     job.preemption.deadline_margin_s = 0.0
     session = NoticeAt(step=2, seconds_to_deadline=0.0)  # due at the very next step
-    metrics = engine.run(job, session)
+    metrics = loop.run(job, session)
     assert metrics["step"] == 12, "a notice never stops training"
     reasons = [m.get("checkpoint") for m in load_history(uri) if "checkpoint" in m]
     preemption_reasons = [r for r in reasons if r.startswith("preemption")]
@@ -96,8 +96,8 @@ def test_the_engine_checkpoints_at_once_and_before_the_deadline_and_finishes(tmp
 
 
 def load_history(uri):
-    from segjob import checkpoint
-    from segjob.storage import open_storage
+    from segjob.store import checkpoint
+    from segjob.store.storage import open_storage
 
     storage = open_storage(uri)
     return checkpoint.load(storage, checkpoint.latest(storage, storage.path("tiny"))).history
@@ -151,5 +151,5 @@ def test_the_schedule_length_depends_on_the_global_batch_only():
         from segjob.data import build_datasets
 
         train_set, _ = build_datasets(job.data, job.seed)
-        steps.add(engine.train_sampler(job, session, train_set, epoch=0).steps_per_epoch)
+        steps.add(loop.train_sampler(job, session, train_set, epoch=0).steps_per_epoch)
     assert steps == {48 // 8}

@@ -15,10 +15,10 @@ from pathlib import Path
 import boto3
 import torch
 
-from segjob import checkpoint
-from segjob.config import JobConfig
+from segjob.job.schema import JobConfig
 from segjob.pull import PULLED_FILE, main
-from segjob.storage import Storage, open_storage
+from segjob.store import checkpoint
+from segjob.store.storage import Storage, open_storage
 
 # trial -> (optim.lr, [(step, epoch, val/miou or None for a step checkpoint)])
 SWEEP = {

@@ -8,11 +8,11 @@ import re
 import shutil
 
 import pytest
-
-from segjob import checkpoint
-from segjob.report import epoch_records, learning_curves, main, series
-from segjob.storage import open_storage
 from trained_runs import SegjobLog, assert_figure, synthetic_run, upload_checkpoint
+
+from segjob.report import epoch_records, learning_curves, main, series
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 FIGURES = ("loss.png", "miou.png", "lr.png", "scores.png")
 

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from segjob import runs
-from segjob.config import JobConfig
 from segjob.errors import UserError
-from segjob.storage import open_storage
+from segjob.job.schema import JobConfig
+from segjob.store import run_folder
+from segjob.store.storage import open_storage
 
 
 def job(**sections) -> JobConfig:
@@ -25,18 +25,18 @@ def storage(tmp_path):
 
 def test_a_resubmission_may_change_epochs_scaling_and_data_location(storage):
     path = storage.path("run")
-    runs.check_same_job(storage, path, job(train={"epochs": 5}), "job.yaml")
-    runs.check_same_job(storage, path, job(train={"epochs": 9}, scaling={"num_workers": 4},
+    run_folder.check_same_job(storage, path, job(train={"epochs": 5}), "job.yaml")
+    run_folder.check_same_job(storage, path, job(train={"epochs": 9}, scaling={"num_workers": 4},
                                            storage={"endpoint_url": "http://minio:9000"}), "job.yaml")
-    recorded = json.loads(storage.read_bytes(f"{path}/{runs.JOB_FILE}"))
+    recorded = json.loads(storage.read_bytes(f"{path}/{run_folder.JOB_FILE}"))
     assert recorded["train"]["epochs"] == 9
 
 
 def test_a_resubmission_that_changes_the_result_is_refused_naming_the_keys(storage):
     path = storage.path("run")
-    runs.check_same_job(storage, path, job(), "jobs/run.yaml")
+    run_folder.check_same_job(storage, path, job(), "jobs/run.yaml")
     with pytest.raises(UserError) as caught:
-        runs.check_same_job(storage, path, job(optim={"lr": 0.5}, model={"name": "unet", "depth": 3}), "jobs/run.yaml")
+        run_folder.check_same_job(storage, path, job(optim={"lr": 0.5}, model={"name": "unet", "depth": 3}), "jobs/run.yaml")
     message = str(caught.value)
     assert message.startswith("jobs/run.yaml: run 'run' already exists")
     assert "model.depth (4 -> 3)" in message and "optim.lr (0.001 -> 0.5)" in message and "--restart" in message
@@ -45,22 +45,22 @@ def test_a_resubmission_that_changes_the_result_is_refused_naming_the_keys(stora
 def test_moved_data_and_options_added_since_are_not_changes(storage):
     path = storage.path("run")
     pets = {"name": "pets", "root": "/data/old/oxford-iiit-pet"}
-    runs.check_same_job(storage, path, job(data=pets), "job.yaml")
-    recorded = json.loads(storage.read_bytes(f"{path}/{runs.JOB_FILE}"))
+    run_folder.check_same_job(storage, path, job(data=pets), "job.yaml")
+    recorded = json.loads(storage.read_bytes(f"{path}/{run_folder.JOB_FILE}"))
     del recorded["train"]["amp"]  # as if recorded by a segjob from before the option existed
-    storage.write_bytes(f"{path}/{runs.JOB_FILE}", json.dumps(recorded).encode())
-    runs.check_same_job(storage, path, job(data={**pets, "root": "/mnt/pets"}), "job.yaml")
+    storage.write_bytes(f"{path}/{run_folder.JOB_FILE}", json.dumps(recorded).encode())
+    run_folder.check_same_job(storage, path, job(data={**pets, "root": "/mnt/pets"}), "job.yaml")
 
 
 def test_restart_names_a_fresh_run_beside_the_old(storage):
-    runs.check_same_job(storage, storage.path("run"), job(), "j")
-    assert runs.fresh_run_name(storage, "run") == "run-r2"
-    runs.check_same_job(storage, storage.path("run-r2"), job(name="run-r2"), "j")
-    assert runs.fresh_run_name(storage, "run") == "run-r3"
+    run_folder.check_same_job(storage, storage.path("run"), job(), "j")
+    assert run_folder.fresh_run_name(storage, "run") == "run-r2"
+    run_folder.check_same_job(storage, storage.path("run-r2"), job(name="run-r2"), "j")
+    assert run_folder.fresh_run_name(storage, "run") == "run-r3"
 
 
 def write_lease(storage, **record):
-    storage.write_bytes(storage.path("run", runs.LEASE_FILE), json.dumps(record).encode())
+    storage.write_bytes(storage.path("run", run_folder.LEASE_FILE), json.dumps(record).encode())
 
 
 def test_a_live_driver_on_this_host_is_not_taken_over(storage):
@@ -68,20 +68,20 @@ def test_a_live_driver_on_this_host_is_not_taken_over(storage):
     try:
         write_lease(storage, owner="x", host=socket.gethostname(), pid=other.pid, heartbeat=time.time())
         with pytest.raises(UserError, match=f"being driven by .* pid {other.pid}"):
-            runs.Lease(storage, storage.path("run")).acquire()
+            run_folder.Lease(storage, storage.path("run")).acquire()
     finally:
         other.kill()
         other.wait()
-    with runs.Lease(storage, storage.path("run")) as lease:  # its process is gone: taken over at once
+    with run_folder.Lease(storage, storage.path("run")) as lease:  # its process is gone: taken over at once
         assert json.loads(storage.read_bytes(lease.path))["owner"] == lease.record["owner"]
-    assert not storage.exists(storage.path("run", runs.LEASE_FILE)), "released on exit"
+    assert not storage.exists(storage.path("run", run_folder.LEASE_FILE)), "released on exit"
 
 
 def test_a_remote_driver_is_refused_until_its_heartbeat_is_stale(storage):
     write_lease(storage, owner="x", host="another-host", pid=1, heartbeat=time.time())
     with pytest.raises(UserError, match="another-host"):
-        runs.Lease(storage, storage.path("run")).acquire()
-    write_lease(storage, owner="x", host="another-host", pid=1, heartbeat=time.time() - runs.LEASE_STALE_S - 1)
-    lease = runs.Lease(storage, storage.path("run"))
+        run_folder.Lease(storage, storage.path("run")).acquire()
+    write_lease(storage, owner="x", host="another-host", pid=1, heartbeat=time.time() - run_folder.LEASE_STALE_S - 1)
+    lease = run_folder.Lease(storage, storage.path("run"))
     lease.acquire()
     lease.release()

@@ -5,9 +5,9 @@ import os
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from segjob.step_flags import StepFlags
 from servers import free_port
+
+from segjob.engine.step_flags import StepFlags
 
 STEPS = 6
 

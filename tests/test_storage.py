@@ -1,4 +1,4 @@
-"""segjob.storage against a local folder, S3 (moto's server) and GCS (the emulator)."""
+"""segjob.store.storage against a local folder, S3 (moto's server) and GCS (the emulator)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import time
 
 import pyarrow.fs
 import pytest
-
-from segjob import storage as storage_module
-from segjob.errors import UserError
-from segjob.storage import is_transient, open_storage, retry, worker_env_vars
 from servers import closed_port_url
+
+from segjob.errors import UserError
+from segjob.store import storage as storage_module
+from segjob.store.storage import is_transient, open_storage, retry, worker_env_vars
 
 BACKENDS = ["local", "s3", "gcs"]
 
@@ -94,7 +94,7 @@ def test_storages_with_different_endpoints_do_not_share_a_filesystem():
 
 def test_local_storage_does_not_import_cloud_clients(tmp_path):
     code = (
-        "import sys, segjob.storage as s; st = s.open_storage(sys.argv[1]); st.check(); "
+        "import sys, segjob.store.storage as s; st = s.open_storage(sys.argv[1]); st.check(); "
         "st.write_bytes(st.path('x'), b'1'); "
         "assert not {'s3fs', 'gcsfs', 'botocore'} & set(sys.modules), sorted(sys.modules)"
     )
@@ -105,7 +105,7 @@ def test_gcsfs_imported_before_the_flag_still_gives_the_plain_filesystem():
     """If gcsfs was imported with its experimental default (which hangs on emulators),
     open_storage still uses the plain GCSFileSystem once the flag says false."""
     code = (
-        "import gcsfs, gcsfs.core, segjob.storage as s; "
+        "import gcsfs, gcsfs.core, segjob.store.storage as s; "
         "assert gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem; "
         "st = s.open_storage('gs://bucket/x', 'http://127.0.0.1:1'); "
         "assert type(st.fs) is gcsfs.core.GCSFileSystem, type(st.fs)"
@@ -407,7 +407,7 @@ def test_retry_recovers_from_transient_errors(caplog):
             raise ConnectionError("connection reset")
         return value + suffix
 
-    with caplog.at_level(logging.WARNING, logger="segjob.storage"):
+    with caplog.at_level(logging.WARNING, logger="segjob.store.storage"):
         assert retry(flaky, "ok", suffix="!", base_delay=0.001, what="flaky thing") == "ok!"
     assert len(calls) == 3
     assert len([r for r in caplog.records if "flaky thing" in r.getMessage()]) == 2

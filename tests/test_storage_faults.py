@@ -22,11 +22,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
-
 from proxy import TcpProxy, wait_for
-from segjob import checkpoint
-from segjob import storage as storage_module
-from segjob.storage import open_storage
+
+from segjob.store import checkpoint
+from segjob.store import storage as storage_module
+from segjob.store.storage import open_storage
 
 RUN = "run"
 
@@ -136,7 +136,7 @@ def test_cut_shorter_than_the_retry_budget_is_absorbed(s3_pair, proxy, monkeypat
     timer.start()
     started = time.monotonic()
     try:
-        with caplog.at_level(logging.WARNING, logger="segjob.storage"):
+        with caplog.at_level(logging.WARNING, logger="segjob.store.storage"):
             storage.write_bytes(storage.path("a", "meta.json"), b"after the cut", create_only=True)
     finally:
         timer.join()
@@ -239,11 +239,11 @@ def test_create_only_refuses_to_replace(request, backend, tmp_path, caplog):
     storage = _open(request, backend, tmp_path)
     path = storage.path(RUN, "checkpoints", "step-000000001", "meta.json")
     storage.write_bytes(path, b"first", create_only=True)
-    with caplog.at_level(logging.WARNING, logger="segjob.storage"):
+    with caplog.at_level(logging.WARNING, logger="segjob.store.storage"):
         with pytest.raises(FileExistsError) as caught:
             storage.write_bytes(path, b"second", create_only=True)
     assert path in str(caught.value)
-    assert not [r for r in caplog.records if r.name == "segjob.storage"]  # refused at once, never retried
+    assert not [r for r in caplog.records if r.name == "segjob.store.storage"]  # refused at once, never retried
     assert storage.read_bytes(path) == b"first"
     storage.write_bytes(path, b"first", create_only=True)  # the same bytes: already written
     storage.write_bytes(path, b"replaced")  # a plain write still replaces

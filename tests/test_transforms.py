@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as torch_f
 from torchvision import tv_tensors
 
-from segjob.config import AugmentConfig, NYUv2Data, SyntheticData
-from segjob.constants import IGNORE_INDEX
+from segjob.data.labels import IGNORE_INDEX
 from segjob.data.photometric import ColorJitter, GaussianBlur, Sharpness, photometric_steps
 from segjob.data.transforms import (
     IMAGENET_MEAN,
@@ -21,6 +20,7 @@ from segjob.data.transforms import (
     Resize,
     build_transform,
 )
+from segjob.job.schema import AugmentConfig, NYUv2Data, SyntheticData
 
 # Geometric steps as a training transform uses them
 GEOMETRIES = {

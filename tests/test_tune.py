@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segjob import checkpoint, sweep_report
+from segjob import tune
+from segjob.cluster import tuner
 from segjob.errors import UserError
-from segjob.pull import rank
-from segjob.storage import open_storage
-from segjob.sweep import TRIALS_DIR, Dimension, load_sweep, parse_dimension
+from segjob.job.sweep import TRIALS_DIR, Dimension, load_sweep, parse_dimension
+from segjob.results import sweep_report
+from segjob.store import checkpoint
+from segjob.store.ranking import rank
+from segjob.store.storage import open_storage
 
 SWEEP = {
     "name": "tiny_sweep",
@@ -134,8 +137,7 @@ class FakeQueue:
 
 
 def test_only_evaluations_reach_tune():
-    tune = pytest.importorskip("segjob.tune")
-    callback = tune.EvaluationsToTune.__new__(tune.EvaluationsToTune)  # its __init__ needs a live Tune session
+    callback = tuner.EvaluationsToTune.__new__(tuner.EvaluationsToTune)  # its __init__ needs a live Tune session
     callback._training_actor_item_queue = FakeQueue()
     step = {"epoch": 0, "step": 4, "train/loss": 1.2}
     evaluation = {"epoch": 1, "step": 8, "train/loss": 1.1, "val/loss": 1.0, "val/miou": 0.3}
@@ -151,9 +153,9 @@ def test_only_evaluations_reach_tune():
 
 
 def test_a_submitted_jobs_own_runtime_env_is_not_named_again(monkeypatch):
-    ray_worker = pytest.importorskip("segjob.ray_worker")
+    ray_worker = pytest.importorskip("segjob.cluster.driver")
     env = {"env_vars": {"AWS_DEFAULT_REGION": "us-east-1", "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023"},
-           "worker_process_setup_hook": "segjob.ray_setup.setup_worker_process"}
+           "worker_process_setup_hook": "segjob.cluster.process_setup.setup_worker_process"}
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     assert ray_worker.without_job_settings(env) == env, "not a submitted job: everything"
     # `ray job submit --runtime-env-json '{"env_vars": {"AWS_DEFAULT_REGION": ...}}'`: Ray refuses the same key twice
@@ -161,11 +163,10 @@ def test_a_submitted_jobs_own_runtime_env_is_not_named_again(monkeypatch):
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
     assert ray_worker.without_job_settings(env) == {
         "env_vars": {"STORAGE_EMULATOR_HOST": "http://127.0.0.1:9023"},
-        "worker_process_setup_hook": "segjob.ray_setup.setup_worker_process"}
+        "worker_process_setup_hook": "segjob.cluster.process_setup.setup_worker_process"}
 
 
 def test_asha_rungs_survive_a_restore():
-    tune = pytest.importorskip("segjob.tune")
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
     class Trial:
@@ -181,10 +182,10 @@ def test_asha_rungs_survive_a_restore():
     for trial_id, miou in (("fine", 0.5), ("good", 0.6)):
         before.on_trial_add(None, Trial(trial_id))
         assert before.on_trial_result(None, Trial(trial_id), {"epoch": 1, "val/miou": miou}) == TrialScheduler.CONTINUE
-    state = tune.SchedulerState(before).get_state()
+    state = tuner.SchedulerState(before).get_state()
 
     restored = fresh()  # what Tuner.restore brings back from tuner.pkl: ASHA as it was built
-    tune.SchedulerState(restored).set_state(state)
+    tuner.SchedulerState(restored).set_state(state)
     restored.on_trial_add(None, Trial("poor"))
     assert restored.on_trial_result(None, Trial("poor"), {"epoch": 1, "val/miou": 0.2}) == TrialScheduler.STOP
     empty = fresh()
@@ -194,7 +195,6 @@ def test_asha_rungs_survive_a_restore():
 
 
 def test_progress_lines_count_every_trial_once():
-    tune = pytest.importorskip("segjob.tune")
 
     class Trial:
         def __init__(self, trial_id, status, epoch=None, best=None):
@@ -204,7 +204,7 @@ def test_progress_lines_count_every_trial_once():
 
     trials = [Trial("a", "TERMINATED", 3, 0.5), Trial("b", "TERMINATED", 1, 0.2), Trial("c", "RUNNING", 2, 0.4),
               Trial("d", "ERROR"), Trial("e", "PENDING")]
-    progress = tune.SweepProgress("val/miou", "max", max_epochs=3, num_samples=6)
+    progress = tuner.SweepProgress("val/miou", "max", max_epochs=3, num_samples=6)
     assert progress.summary(trials) == \
         "1 running, 1 pending, 1 finished, 1 stopped early, 1 failed, 1 not started | best val/miou 0.5000 (trial a)"
     # Tune calls the hooks before it updates the trial: the event being reported is counted as it will be
@@ -213,7 +213,6 @@ def test_progress_lines_count_every_trial_once():
 
 
 def test_a_resubmitted_sweep_must_search_the_same_way(sweep_file, tmp_path):
-    tune = pytest.importorskip("segjob.tune")
     storage = open_storage(str(tmp_path / "runs"))
     sweep_path = storage.path("tiny_sweep")
     tune.check_same_sweep(storage, sweep_path, load_sweep(sweep_file))
@@ -227,7 +226,6 @@ def test_a_resubmitted_sweep_must_search_the_same_way(sweep_file, tmp_path):
 
 
 def test_dry_run_checks_everything_and_starts_nothing(sweep_file, tmp_path, capsys):
-    tune = pytest.importorskip("segjob.tune")
     assert tune.main([str(sweep_file), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "sweep 'tiny_sweep'" in out and "optim.lr: log-uniform floats in [0.0001, 0.01]" in out

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segjob import checkpoint, engine
-from segjob.config import JobConfig
-from segjob.session import LocalSession
-from segjob.storage import Storage, open_storage
+from segjob.engine import loop
+from segjob.engine.session import LocalSession
+from segjob.job.schema import JobConfig
+from segjob.store import checkpoint
+from segjob.store.storage import Storage, open_storage
 
 PETS_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "oxford-iiit-pet"
 
@@ -57,7 +58,7 @@ def train(key: str, factory: pytest.TempPathFactory, name: str, **sections: Any)
     if key not in _trained:
         storage = factory.mktemp(key)
         job = tiny_job(name, storage, **sections)
-        metrics = engine.run(job, LocalSession("cpu"))
+        metrics = loop.run(job, LocalSession("cpu"))
         store = open_storage(str(storage))
         newest = checkpoint.latest(store, store.path(name))
         _trained[key] = TinyRun(job, storage, storage / name, Path(newest.path), metrics)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import CamVidData, DataBase, FolderData, LeafData, NYUv2Data, PetsData, SyntheticData, VOCData
-from ..errors import UserError
-from . import camvid, folder, leaf, nyuv2, pets, synthetic, voc
-from .base import SegmentationDataset
+from segjob.data import camvid, folder, leaf, nyuv2, pets, synthetic, voc
+from segjob.data.base import SegmentationDataset
+from segjob.errors import UserError
+from segjob.job.schema import CamVidData, DataBase, FolderData, LeafData, NYUv2Data, PetsData, SyntheticData, VOCData
 
 __all__ = ["DATASETS", "DatasetEntry", "SegmentationDataset", "build_datasets"]
 

@@ -15,9 +15,9 @@ from abc import ABC, abstractmethod
 import torch
 from torch.utils.data import Dataset
 
-from .files import Finding
-from .labels import default_palette
-from .transforms import JointTransform, Sample
+from segjob.data.files import Finding
+from segjob.data.labels import default_palette
+from segjob.data.transforms import JointTransform, Sample
 
 MASK64 = (1 << 64) - 1
 

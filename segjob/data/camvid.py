@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import CamVidData
-from ..errors import UserError
-from .labels import IndexCoding
-from .paired import PairedFileDataset
-from .remote import local_root
-from .splits import without
-from .transforms import build_transform
+from segjob.data.labels import IndexCoding
+from segjob.data.paired import PairedFileDataset
+from segjob.data.remote import local_root
+from segjob.data.splits import without
+from segjob.data.transforms import build_transform
+from segjob.errors import UserError
+from segjob.job.schema import CamVidData
 
 CLASS_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist"]
 UNLABELLED = 11

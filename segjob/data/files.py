@@ -22,8 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 
-from ..constants import IGNORE_INDEX
-from .labels import ColourCoding, IndexCoding
+from segjob.data.labels import IGNORE_INDEX, ColourCoding, IndexCoding
 
 # What a file's name promises; PIL's format names.
 FORMAT_OF_SUFFIX = {

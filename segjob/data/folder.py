@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import FolderData
-from ..errors import UserError
-from .files import IMAGE_SUFFIXES
-from .labels import ColourCoding, IndexCoding
-from .paired import PairedFileDataset
-from .remote import local_root
-from .splits import random_split, without
-from .transforms import build_transform
+from segjob.data.files import IMAGE_SUFFIXES
+from segjob.data.labels import ColourCoding, IndexCoding
+from segjob.data.paired import PairedFileDataset
+from segjob.data.remote import local_root
+from segjob.data.splits import random_split, without
+from segjob.data.transforms import build_transform
+from segjob.errors import UserError
+from segjob.job.schema import FolderData
 
 LAYOUT = "images/NAME.jpg and masks/NAME.png (or images/train, images/val, masks/train, masks/val with split: folders)"
 

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ..constants import IGNORE_INDEX
+# Label for pixels that count for nothing: padding, VOC's void, CamVid's unlabelled.
+IGNORE_INDEX = 255
 
 Palette = list[tuple[int, int, int]]
 

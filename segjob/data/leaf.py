@@ -18,14 +18,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import LeafData
-from ..constants import IGNORE_INDEX
-from ..errors import UserError
-from .labels import IndexCoding
-from .paired import PairedFileDataset
-from .remote import local_root
-from .splits import random_split, without
-from .transforms import build_transform
+from segjob.data.labels import IGNORE_INDEX, IndexCoding
+from segjob.data.paired import PairedFileDataset
+from segjob.data.remote import local_root
+from segjob.data.splits import random_split, without
+from segjob.data.transforms import build_transform
+from segjob.errors import UserError
+from segjob.job.schema import LeafData
 
 CLASS_NAMES = ["background", "lesion"]
 PALETTE = [(0, 0, 0), (230, 90, 20)]

@@ -29,8 +29,8 @@ import scipy.special
 import torch
 import torch.nn.functional as F
 
-from ..config import DataBase, MixingConfig
-from ..constants import IGNORE_INDEX
+from segjob.data.labels import IGNORE_INDEX
+from segjob.job.schema import DataBase, MixingConfig
 
 
 def soft_targets(targets: torch.Tensor, num_classes: int) -> torch.Tensor:

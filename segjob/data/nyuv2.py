@@ -28,14 +28,14 @@ import scipy.io
 import torch
 from torchvision import tv_tensors
 
-from ..config import NYUv2Data
-from ..errors import UserError
-from .base import SegmentationDataset
-from .files import Finding, label_value_findings
-from .labels import IndexCoding
-from .remote import local_file
-from .splits import random_split
-from .transforms import Depth, JointTransform, Sample, build_transform
+from segjob.data.base import SegmentationDataset
+from segjob.data.files import Finding, label_value_findings
+from segjob.data.labels import IndexCoding
+from segjob.data.remote import local_file
+from segjob.data.splits import random_split
+from segjob.data.transforms import Depth, JointTransform, Sample, build_transform
+from segjob.errors import UserError
+from segjob.job.schema import NYUv2Data
 
 RAW_CLASSES = 894
 CLASS_NAMES = {

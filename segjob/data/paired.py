@@ -20,11 +20,21 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from ..errors import UserError
-from .base import SegmentationDataset
-from .files import READ_ERRORS, Finding, LabelCoding, LabelFileError, inspect_image, inspect_labels, read_image, read_labels, size_mismatch
-from .labels import Palette, default_palette
-from .transforms import JointTransform, Sample, resize
+from segjob.data.base import SegmentationDataset
+from segjob.data.files import (
+    READ_ERRORS,
+    Finding,
+    LabelCoding,
+    LabelFileError,
+    inspect_image,
+    inspect_labels,
+    read_image,
+    read_labels,
+    size_mismatch,
+)
+from segjob.data.labels import Palette, default_palette
+from segjob.data.transforms import JointTransform, Sample, resize
+from segjob.errors import UserError
 
 
 class PairedFileDataset(SegmentationDataset):

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import PetsData
-from ..errors import UserError
-from .labels import IndexCoding
-from .paired import PairedFileDataset
-from .remote import local_root
-from .splits import random_split, read_names, without
-from .transforms import build_transform
+from segjob.data.labels import IndexCoding
+from segjob.data.paired import PairedFileDataset
+from segjob.data.remote import local_root
+from segjob.data.splits import random_split, read_names, without
+from segjob.data.transforms import build_transform
+from segjob.errors import UserError
+from segjob.job.schema import PetsData
 
 TRIMAP_PET, TRIMAP_BACKGROUND, TRIMAP_BORDER = 1, 2, 3
 CLASS_NAMES = {"trimap": ["background", "pet", "border"], "binary": ["background", "pet"]}

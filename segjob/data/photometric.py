@@ -14,7 +14,7 @@ import math
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from ..config import AugmentConfig
+from segjob.job.schema import AugmentConfig
 
 BLUR_PROBABILITY = 0.5  # as in the PSPNet authors' code: half the images are blurred
 

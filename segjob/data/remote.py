@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..storage import open_storage, retry
+from segjob.errors import UserError
+from segjob.store.storage import open_storage, retry
 
 log = logging.getLogger("segjob")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .base import mix_seed
+from segjob.data.base import mix_seed
+from segjob.errors import UserError
 
 SPLIT_STREAM = 0x5E7  # keeps the split's shuffle apart from other uses of the seed
 

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from ..config import SyntheticData
-from .base import SegmentationDataset, mix_seed
-from .files import Finding
-from .transforms import JointTransform, Sample, build_transform
+from segjob.data.base import SegmentationDataset, mix_seed
+from segjob.data.files import Finding
+from segjob.data.transforms import JointTransform, Sample, build_transform
+from segjob.job.schema import SyntheticData
 
 SHAPE_KINDS = ("disc", "square", "triangle", "bar", "ring", "cross", "diamond")  # class 1, 2, ...
 

@@ -31,9 +31,9 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from ..config import AugmentConfig, DataBase
-from ..constants import IGNORE_INDEX
-from .photometric import photometric_steps
+from segjob.data.labels import IGNORE_INDEX
+from segjob.data.photometric import photometric_steps
+from segjob.job.schema import AugmentConfig, DataBase
 
 Sample = dict[str, torch.Tensor]  # "image": tv_tensors.Image, "mask": tv_tensors.Mask, optional "depth": Depth
 

@@ -23,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-from ..config import VOCData
-from ..constants import IGNORE_INDEX
-from ..errors import UserError
-from .files import READ_ERRORS, Finding, label_value_findings
-from .labels import IndexCoding, default_palette
-from .paired import PairedFileDataset
-from .remote import local_root
-from .splits import random_split, without
-from .transforms import build_transform
+from segjob.data.files import READ_ERRORS, Finding, label_value_findings
+from segjob.data.labels import IGNORE_INDEX, IndexCoding, default_palette
+from segjob.data.paired import PairedFileDataset
+from segjob.data.remote import local_root
+from segjob.data.splits import random_split, without
+from segjob.data.transforms import build_transform
+from segjob.errors import UserError
+from segjob.job.schema import VOCData
 
 log = logging.getLogger("segjob")
 

@@ -27,15 +27,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import EncoderModelBase, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
-from ..errors import UserError
-from .backbone import Backbone
-from .encoder_unet import EncoderUNet
-from .encoders import ENCODERS, Encoder
-from .pspnet import PSPNet
-from .segnet import SegNet
-from .unet import UNet
-from .weights import load_encoder_weights
+from segjob.errors import UserError
+from segjob.job.schema import EncoderModelBase, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
+from segjob.models.backbone import Backbone
+from segjob.models.encoder_unet import EncoderUNet
+from segjob.models.encoders import ENCODERS, Encoder
+from segjob.models.pspnet import PSPNet
+from segjob.models.segnet import SegNet
+from segjob.models.unet import UNet
+from segjob.models.weights import load_encoder_weights
 
 __all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet", "UNet", "create_model"]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UserError
+from segjob.errors import UserError
 
 
 class Backbone(nn.Module):

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .blocks import DoubleConv, match_size, squeeze_excitation
-from .encoders import Encoder
+from segjob.models.blocks import DoubleConv, match_size, squeeze_excitation
+from segjob.models.encoders import Encoder
 
 
 class UpBlock(nn.Module):

@@ -26,9 +26,9 @@ import torch
 import torchvision.models as tv
 from torch import nn
 
-from .backbone import Backbone
-from .input_channels import rebuild_first_conv
-from .vgg import VGG16BNTrunk
+from segjob.models.backbone import Backbone
+from segjob.models.input_channels import rebuild_first_conv
+from segjob.models.vgg import VGG16BNTrunk
 
 
 @dataclass(frozen=True)

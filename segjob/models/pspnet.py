@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import ConvBNReLU
-from .encoders import Encoder
-from .pyramid_pooling import PyramidPooling
+from segjob.models.blocks import ConvBNReLU
+from segjob.models.encoders import Encoder
+from segjob.models.pyramid_pooling import PyramidPooling
 
 
 def classifier_head(in_channels: int, mid_channels: int, num_classes: int, dropout: float) -> nn.Sequential:

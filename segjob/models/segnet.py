@@ -22,10 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import Backbone
-from .blocks import ConvBNReLU
-from .input_channels import rebuild_first_conv
-from .vgg import VGG16_CONVS_PER_BLOCK, vgg_bn_features
+from segjob.models.backbone import Backbone
+from segjob.models.blocks import ConvBNReLU
+from segjob.models.input_channels import rebuild_first_conv
+from segjob.models.vgg import VGG16_CONVS_PER_BLOCK, vgg_bn_features
 
 
 def block_widths(stages: int, width: int) -> list[int]:

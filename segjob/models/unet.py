@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import DoubleConv, pad_to, squeeze_excitation
+from segjob.models.blocks import DoubleConv, pad_to, squeeze_excitation
 
 
 class UNet(nn.Module):

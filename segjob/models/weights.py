@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..storage import open_storage
-from .backbone import Backbone
-from .input_channels import ExtraChannelInit, widen_rgb_filters
+from segjob.errors import UserError
+from segjob.models.backbone import Backbone
+from segjob.models.input_channels import ExtraChannelInit, widen_rgb_filters
+from segjob.store.storage import open_storage
 
 log = logging.getLogger(__name__)
 

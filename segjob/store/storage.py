@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import fsspec
 
-from .errors import UserError
+from segjob.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,10 @@ class Storage:
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *(part.strip("/") for part in parts if part)])
+
+    def display(self, path: str) -> str:
+        """A path on this storage as its user writes it: a local path, or scheme://bucket/key."""
+        return path if self.is_local else f"{self.uri.split('://', 1)[0]}://{path}"
 
     def exists(self, path: str) -> bool:
         return retry(self.fs.exists, path, what=f"exists {path}")

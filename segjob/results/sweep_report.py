@@ -19,9 +19,9 @@ import logging
 import math
 from typing import Any
 
-from .pull import Ranking, display_uri, format_params
-from .storage import Storage
-from .sweep import Sweep
+from segjob.job.sweep import Sweep
+from segjob.store.ranking import Ranking, format_params
+from segjob.store.storage import Storage
 
 log = logging.getLogger("segjob")
 
@@ -58,7 +58,7 @@ def trial_rows(outcomes: list[TrialOutcome], ranking: Ranking | None, sweep: Swe
     for outcome in outcomes:
         candidate = best.get(outcome.trial)
         rows.append(TrialRow(outcome, candidate.value if candidate else None, candidate.info.epoch if candidate else None,
-                             display_uri(storage, candidate.info.path) if candidate else None))
+                             storage.display(candidate.info.path) if candidate else None))
     sign = -1.0 if sweep.mode == "max" else 1.0
     rows.sort(key=lambda row: (row.best_value is None, sign * (row.best_value or 0.0), row.outcome.trial))
     return rows
@@ -106,7 +106,7 @@ def best_record(ranking: Ranking, sweep: Sweep, storage: Storage, sweep_uri: str
         "metric": ranking.metric, "mode": ranking.mode, "value": best.value,
         "trial": best.run, "epoch": best.info.epoch, "step": best.info.step,
         "params": {key: _lookup(params, key) for key in sweep.tune.space},
-        "checkpoint": display_uri(storage, best.info.path),
+        "checkpoint": storage.display(best.info.path),
         "pull": f"python -m segjob.pull {sweep_uri} --to ./best",
     }
 

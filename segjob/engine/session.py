@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .preemption import Notice
+from segjob.engine.preemption.notice import Notice
 
 
 class Session(Protocol):

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .errors import UserError
-from .storage import Storage, retry
+from segjob import __version__
+from segjob.errors import UserError
+from segjob.store.storage import Storage, retry
 
 log = logging.getLogger(__name__)
 

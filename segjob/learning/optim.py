@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .config import OptimConfig
-from .errors import UserError
+from segjob.errors import UserError
+from segjob.job.schema import OptimConfig
 
 # ReduceLROnPlateau's default: an improvement must beat the best by this relative margin.
 PLATEAU_THRESHOLD = 1e-4

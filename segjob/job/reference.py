@@ -1,6 +1,6 @@
 """The job file reference, generated from the pydantic schema in segjob/config.py.
 
-    python -m segjob.docs_reference > docs/job-reference.md
+    python -m segjob.job.reference > docs/job-reference.md
 
 Every section and key of a job file, with its type, default, limits and description, read from
 `JobConfig` itself, so the reference cannot drift from what the loader accepts;
@@ -23,12 +23,12 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from .config import JobConfig
+from segjob.job.schema import JobConfig
 
 HEADER = """\
 # Job file reference
 
-<!-- Generated from segjob/config.py by `python -m segjob.docs_reference > docs/job-reference.md`.
+<!-- Generated from segjob/job/schema.py by `python -m segjob.job.reference > docs/job-reference.md`.
      Do not edit by hand: tests/test_docs.py fails when this file and the schema differ. -->
 
 A job is one YAML file (see `jobs/`). Every section is optional and has the defaults below;
@@ -255,7 +255,7 @@ def anchor_of(title: str) -> str:
 
 # Sections that live outside JobConfig: (path, import of the model, what to say first).
 EXTRA_ROOTS = (
-    ("tune", "segjob.sweep:TuneSection",
+    ("tune", "segjob.job.sweep:TuneSection",
      "Sweep files only: a job plus this section, read by `python -m segjob.tune` (removed before the rest "
      "is validated as a job). `space` maps job keys (`optim.lr`, `data.augment.strength`, ...) to what to "
      "try; every value a search may propose is validated as a whole job before anything starts."),
@@ -298,7 +298,7 @@ def render(model: type[BaseModel] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segjob.docs_reference", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m segjob.job.reference", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
     sys.stdout.write(render())
     return 0

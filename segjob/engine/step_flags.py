@@ -15,7 +15,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from .preemption_plan import Agreed
+from segjob.engine.preemption.plan import Agreed
 
 SOURCES = ("sigterm", "aws", "gcp")  # what a rank's own watcher can see, coded for the all-reduce
 

@@ -37,14 +37,15 @@ import torch
 import yaml
 from torch import nn
 
-from . import checkpoint
-from .config import CLASS_NAME_PATTERN, JobConfig, metric_direction, validate_job
-from .data import build_datasets
-from .data.labels import default_palette
-from .errors import UserError
-from .losses import binary_threshold, output_channels
-from .models import create_model
-from .storage import Storage, open_storage
+from segjob.data import build_datasets
+from segjob.data.labels import default_palette
+from segjob.errors import UserError
+from segjob.job.load import validate_job
+from segjob.job.schema import CLASS_NAME_PATTERN, JobConfig, metric_direction
+from segjob.learning.losses import binary_threshold, output_channels
+from segjob.models import create_model
+from segjob.store import checkpoint
+from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
 
@@ -95,11 +96,6 @@ def locate(uri: str, endpoint_url: str | None = None) -> tuple[Storage, str]:
     return storage, storage.root
 
 
-def display(storage: Storage, path: str) -> str:
-    if storage.is_local:
-        return path
-    scheme = storage.uri.split("://", 1)[0]
-    return f"{scheme}://{path}"
 
 
 def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
@@ -110,7 +106,7 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
         return path
     committed = checkpoint.list_committed(storage, path)
     if not committed:
-        raise UserError(f"{display(storage, path)}: neither a checkpoint folder (no {checkpoint.META_FILE}) "
+        raise UserError(f"{storage.display(path)}: neither a checkpoint folder (no {checkpoint.META_FILE}) "
                         f"nor a run with committed checkpoints")
     newest = committed[-1]
     if pick == "latest":
@@ -132,7 +128,7 @@ def load_checkpoint(storage: Storage, path: str) -> checkpoint.LoadedCheckpoint:
         try:
             return checkpoint.load_folder(local)
         except UserError as error:  # name the checkpoint where the user can find it, not our copy
-            raise UserError(str(error).replace(str(local), display(storage, path))) from None
+            raise UserError(str(error).replace(str(local), storage.display(path))) from None
 
 
 # --- rebuilding the model ---------------------------------------------------------------
@@ -208,7 +204,7 @@ def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | 
     """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode."""
     storage, path = locate(uri, endpoint_url)
     folder = choose_checkpoint(storage, path, pick)
-    where = display(storage, folder)
+    where = storage.display(folder)
     loaded = load_checkpoint(storage, folder)
     job = job_from_meta(loaded.meta, where, data_root, data_overrides)
     try:
@@ -261,14 +257,14 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     A damaged newest checkpoint is skipped for the one before, with a warning."""
     storage, path = locate(uri, endpoint_url)
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
-        return load_checkpoint(storage, path).history, display(storage, path)
+        return load_checkpoint(storage, path).history, storage.display(path)
     committed = checkpoint.list_committed(storage, path)
     if not committed:
-        raise UserError(f"{display(storage, path)}: no committed checkpoints (expected a run folder, e.g. "
+        raise UserError(f"{storage.display(path)}: no committed checkpoints (expected a run folder, e.g. "
                         f"<storage.uri>/<job name>, or a checkpoint folder)")
     problems = []
     for info in reversed(committed):
-        where = f"{display(storage, info.path)}/{checkpoint.HISTORY_FILE}"
+        where = f"{storage.display(info.path)}/{checkpoint.HISTORY_FILE}"
         try:
             raw = storage.read_bytes(f"{info.path}/{checkpoint.HISTORY_FILE}")
         except FileNotFoundError:
@@ -278,7 +274,7 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
             problems.append(f"{where}: sha256 does not match {checkpoint.META_FILE}")
             log.warning("%s; trying the checkpoint before", problems[-1])
             continue
-        return parse_history(raw, where), display(storage, info.path)
+        return parse_history(raw, where), storage.display(info.path)
     raise UserError(f"no readable history among {len(committed)} committed checkpoints; newest: {problems[0]}")
 
 

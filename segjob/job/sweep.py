@@ -35,8 +35,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config import JobConfig, MetricConfig, Section, _parse_override, _set_path, resolve_local_paths, validate_job
-from .errors import UserError
+from segjob.errors import UserError
+from segjob.job.load import (
+    parse_override,
+    resolve_local_paths,
+    set_path,
+    validate_job,
+)
+from segjob.job.schema import JobConfig, MetricConfig, Section
 
 TUNE_KEY = "tune"
 TRIALS_DIR = "trials"  # <storage.uri>/<sweep>/trials/<trial id>/: each trial's segjob run
@@ -245,7 +251,7 @@ class Sweep:
         """The job one trial trains: the base job with the trial's values, its own run under the sweep."""
         raw = copy.deepcopy(self.base)
         for key, value in params.items():
-            _set_path(raw, key, value, f"{key}={value}")
+            set_path(raw, key, value, f"{key}={value}")
         raw["name"] = trial_id
         raw.setdefault("storage", {})["uri"] = self.trials_uri()
         raw["metric"] = {"name": self.metric, "mode": self.mode}
@@ -268,16 +274,16 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     raw.setdefault("name", path.stem)
     applied = {}
     for override in overrides:
-        key, value = _parse_override(override)
+        key, value = parse_override(override)
         if key.startswith(f"{TUNE_KEY}.space."):  # space keys are dotted job keys: one entry, not nested sections
             space = tune_raw.setdefault("space", {})
             if not isinstance(space, dict):
                 raise UserError(f"--set {override}: tune.space is not a mapping")
             space[key.removeprefix(f"{TUNE_KEY}.space.")] = value
         elif key.startswith(f"{TUNE_KEY}."):
-            _set_path(tune_raw, key.removeprefix(f"{TUNE_KEY}."), value, override)
+            set_path(tune_raw, key.removeprefix(f"{TUNE_KEY}."), value, override)
         else:
-            _set_path(raw, key, value, override)
+            set_path(raw, key, value, override)
             applied[key] = override
     job = resolve_local_paths(validate_job(raw, source=str(path), overrides=applied))
     tune = _validate_tune(tune_raw, path)

@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import (
+from segjob.data.labels import IGNORE_INDEX
+from segjob.errors import UserError
+from segjob.job.schema import (
     BCEConfig,
     BCEDiceConfig,
     CEDiceConfig,
@@ -43,8 +45,6 @@ from .config import (
     FocalConfig,
     FocalDiceConfig,
 )
-from .constants import IGNORE_INDEX
-from .errors import UserError
 
 log = logging.getLogger("segjob")
 

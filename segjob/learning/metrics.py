@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from scipy.spatial import cKDTree
 
-from .constants import IGNORE_INDEX
+from segjob.data.labels import IGNORE_INDEX
 
 
 def _cells(target: torch.Tensor, prediction: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,9 +23,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import JobConfig
-from .errors import UserError
-from .storage import Storage
+from segjob.errors import UserError
+from segjob.job.schema import JobConfig
+from segjob.store.storage import Storage
 
 log = logging.getLogger("segjob")
 

@@ -21,10 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from . import checkpoint
-from .config import JobConfig
-from .session import Session
-from .storage import Storage
+from segjob.engine.session import Session
+from segjob.job.schema import JobConfig
+from segjob.store import checkpoint
+from segjob.store.storage import Storage
 
 log = logging.getLogger("segjob")
 

@@ -29,25 +29,26 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from . import checkpoint, preemption
-from .commits import Committer
-from .config import JobConfig
-from .constants import IGNORE_INDEX
-from .data import build_datasets
-from .data.base import mix_seed
-from .data.mixing import BatchMixer, build_mixer
-from .data.sampler import EvalBatchSampler, TrainBatchSampler
-from .errors import UserError
-from .losses import build_loss, output_channels
-from .metrics import ConfusionMatrix, predict_labels
-from .models import create_model
-from .models.batchnorm import sync_batchnorm
-from .optim import Schedule, build_optimizer, current_lr
-from .preemption_plan import PreemptionPlan
-from .runs import DONE_FILE
-from .session import Session
-from .step_flags import StepFlags
-from .storage import Storage, open_storage
+from segjob.data import build_datasets
+from segjob.data.base import mix_seed
+from segjob.data.labels import IGNORE_INDEX
+from segjob.data.mixing import BatchMixer, build_mixer
+from segjob.data.sampler import EvalBatchSampler, TrainBatchSampler
+from segjob.engine.committer import Committer
+from segjob.engine.preemption import sigterm, watcher
+from segjob.engine.preemption.plan import PreemptionPlan
+from segjob.engine.session import Session
+from segjob.engine.step_flags import StepFlags
+from segjob.errors import UserError
+from segjob.job.schema import JobConfig
+from segjob.learning.losses import build_loss, output_channels
+from segjob.learning.metrics import ConfusionMatrix, predict_labels
+from segjob.learning.optim import Schedule, build_optimizer, current_lr
+from segjob.models import create_model
+from segjob.models.batchnorm import sync_batchnorm
+from segjob.store import checkpoint
+from segjob.store.run_folder import DONE_FILE
+from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
 
@@ -83,7 +84,7 @@ class Worker:
     committer: Committer
     plan: PreemptionPlan
     flags: StepFlags
-    watcher: preemption.PreemptionWatcher | None = None
+    watcher: watcher.PreemptionWatcher | None = None
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
 
     @property
@@ -98,7 +99,7 @@ class Worker:
 def run(job: JobConfig, session: Session) -> dict[str, Any]:
     """Train `job` to its last epoch (or from wherever storage says it stopped)."""
     # a SIGTERM while this runs (the last upload and done.json included) waits out its grace period
-    with preemption.training_active():
+    with sigterm.training_active():
         worker = setup(job, session)
         final_metrics: dict[str, Any] = {}
         try:
@@ -144,7 +145,7 @@ def setup(job: JobConfig, session: Session) -> Worker:
     )
     resume(worker)
     note_world_size(worker)
-    worker.watcher = preemption.PreemptionWatcher(job.preemption, drain=session.drain)
+    worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain)
     worker.watcher.start()
     # build, load the state, convert BatchNorm, then wrap for DDP: every rank starts from the same weights
     worker.model = worker.train_model = sync_batchnorm(model, job.train.sync_batchnorm, session.device,

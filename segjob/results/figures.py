@@ -24,8 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .constants import IGNORE_INDEX
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from segjob.data.labels import IGNORE_INDEX
+from segjob.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 VOID_COLOUR = (224, 224, 192)  # PASCAL VOC's colour for unlabelled pixels
 DPI = 100

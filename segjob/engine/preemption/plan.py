@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import time
 
-from .preemption import Notice
+from segjob.engine.preemption.notice import Notice
 
 log = logging.getLogger("segjob")
 

@@ -1,0 +1,131 @@
+"""The clouds' spot notices, polled from their metadata servers: AWS instance-action, GCP preempted."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+
+from segjob.engine.preemption.notice import Notice, one_line, parse_utc
+
+_CONNECT_TIMEOUT_S = 1.0
+_READ_TIMEOUT_S = 2.0
+GIVE_UP_AFTER = 3  # connection failures in a row, before any answer: not on this cloud
+_AWS_TOKEN_TTL_S = 21600
+_AWS_NOTICE_S = 120.0  # an instance-action without a readable time: AWS's documented two minutes
+_GCP_NOTICE_S = 30.0  # GCE stops a preempted VM about 30 s after instance/preempted turns TRUE
+
+
+class _Connection(http.client.HTTPConnection):
+    """Short connect timeout (off-cloud the address is a black hole), a longer one for reads."""
+
+    def connect(self):
+        self.timeout = _CONNECT_TIMEOUT_S
+        super().connect()
+        self.sock.settimeout(_READ_TIMEOUT_S)
+
+
+class _Handler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_Connection, req)
+
+
+
+# No proxies: metadata addresses are link-local, and a proxy must never see an IMDS token.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Handler)
+
+def _request(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, str]:
+    """(status, body); an HTTP error status is an answer too. OSError when nothing answered."""
+    request = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        with _opener.open(request, timeout=_READ_TIMEOUT_S) as response:
+            return response.status, response.read(65536).decode("utf-8", "replace")
+    except urllib.error.HTTPError as error:
+        error.close()
+        return error.code, ""
+    except (http.client.HTTPException, ValueError) as error:  # garbage on the wire: as good as no answer
+        raise OSError(str(error)) from error
+
+
+class _Unexpected(Exception):
+    """The server answered, but not as the metadata service would: keep the last state."""
+
+
+class AwsSource:
+    name = "aws"
+
+    def __init__(self, base_url: str):
+        self.base = base_url.rstrip("/")
+        self._token: str | None = None
+        self._token_expires = 0.0
+
+    def check(self) -> Notice | None:
+        status, body = self._get_instance_action()
+        if status == 401:  # token revoked or expired early: one fresh token, one retry
+            self._token = None
+            status, body = self._get_instance_action()
+        if status == 404:
+            return None
+        if status != 200:
+            raise _Unexpected(f"spot/instance-action answered HTTP {status}")
+        try:
+            action = json.loads(body)
+            detail = f"instance-action {action['action']} at {action['time']}"
+            deadline = parse_utc(action["time"])
+        except (ValueError, KeyError, TypeError):
+            detail = f"instance-action {one_line(body)}"
+            deadline = None
+        return Notice("aws", one_line(detail), deadline or time.time() + _AWS_NOTICE_S)
+
+    def _get_instance_action(self) -> tuple[int, str]:
+        headers = {"X-aws-ec2-metadata-token": self._fresh_token()}
+        return _request(f"{self.base}/latest/meta-data/spot/instance-action", headers)
+
+    def _fresh_token(self) -> str:
+        if self._token is None or time.monotonic() >= self._token_expires:
+            status, body = _request(
+                f"{self.base}/latest/api/token",
+                {"X-aws-ec2-metadata-token-ttl-seconds": str(_AWS_TOKEN_TTL_S)},
+                method="PUT",
+            )
+            if status != 200 or not body:
+                raise _Unexpected(f"IMDSv2 token request answered HTTP {status}")
+            self._token = body.strip()
+            self._token_expires = time.monotonic() + _AWS_TOKEN_TTL_S - 60  # renew a minute early
+        return self._token
+
+
+class GcpSource:
+    name = "gcp"
+
+    def __init__(self, base_url: str):
+        self.url = f"{base_url.rstrip('/')}/computeMetadata/v1/instance/preempted"
+
+    def check(self) -> Notice | None:
+        status, body = _request(self.url, {"Metadata-Flavor": "Google"})
+        if status != 200:
+            raise _Unexpected(f"instance/preempted answered HTTP {status}")
+        value = body.strip().upper()
+        if value == "TRUE":
+            return Notice("gcp", "instance/preempted TRUE", time.time() + _GCP_NOTICE_S)
+        if value == "FALSE":
+            return None
+        raise _Unexpected(f"instance/preempted answered {one_line(body, 40)!r}")
+
+
+# The machine's own metadata address, as the cloud SDKs read it (botocore, google-auth): a node's
+# environment wins over the job file, which is the same on every node.
+AWS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
+
+
+GCE_HOST_ENV = "GCE_METADATA_HOST"
+
+
+def gce_base_url() -> str | None:
+    host = os.environ.get(GCE_HOST_ENV, "").strip()
+    if not host:
+        return None
+    return host if "://" in host else f"http://{host}"

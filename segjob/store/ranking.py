@@ -1,0 +1,116 @@
+"""Runs and their checkpoints ranked by a metric: what pull chooses from and a sweep reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+from segjob.errors import UserError
+from segjob.job.sweep import TRIALS_DIR
+from segjob.store import checkpoint
+from segjob.store.run_folder import flatten
+from segjob.store.storage import Storage
+
+# Keys that differ between runs without saying anything about how they were trained
+NOT_PARAMS = ("name", "storage.")
+
+
+@dataclasses.dataclass
+class Candidate:
+    """A committed checkpoint, ranked by the metric."""
+
+    run: str  # the run's folder name: a trial id in a sweep
+    info: checkpoint.CheckpointInfo
+    value: float
+    params: dict[str, Any]  # the job keys whose values differ between the runs found
+
+    @property
+    def folder_name(self) -> str:
+        return f"{self.run}-{self.info.name}"
+
+
+@dataclasses.dataclass
+class Ranking:
+    metric: str
+    mode: str
+    candidates: list[Candidate]  # best first
+    runs: int  # runs found under the URI
+
+
+def find_runs(storage: Storage, path: str) -> list[tuple[str, str]]:
+    """(name, path) of every run at or under `path`: the run itself, a sweep's trials, or a folder of runs."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if storage.list_dirs(checkpoint.checkpoints_path(path)):
+        return [(name, path)]
+    children = storage.list_dirs(path)
+    parent = f"{path}/{TRIALS_DIR}" if TRIALS_DIR in children else path
+    names = storage.list_dirs(parent) if parent != path else children
+    return [(child, f"{parent}/{child}") for child in names
+            if storage.list_dirs(checkpoint.checkpoints_path(f"{parent}/{child}"))]
+
+
+def rank(storage: Storage, path: str, metric: str | None = None, mode: str | None = None) -> Ranking:
+    """Every committed checkpoint under `path` carrying the metric, best first (a newer one wins a tie)."""
+    committed = {name: checkpoint.list_committed(storage, run_path) for name, run_path in find_runs(storage, path)}
+    committed = {name: infos for name, infos in committed.items() if infos}
+    if not committed:
+        raise UserError(f"{storage.display(path)}: no committed checkpoints found (a run, a sweep or a folder of runs)")
+    jobs = {name: infos[-1].meta.get("job") or {} for name, infos in committed.items()}
+    metric, mode = metric or _job_metric(jobs, "name", path, storage), mode or _job_metric(jobs, "mode", path, storage)
+    params = differing_params(jobs)
+    candidates = [
+        Candidate(name, info, value, params[name])
+        for name, infos in committed.items() for info in infos
+        if (value := checkpoint.metric_value(info, metric)) is not None
+    ]
+    if not candidates:
+        seen = sorted({key for infos in committed.values() for info in infos for key in info.metrics})
+        raise UserError(f"{storage.display(path)}: no checkpoint carries '{metric}'; metrics seen: {', '.join(seen)}")
+    sign = -1.0 if mode == "max" else 1.0
+    candidates.sort(key=lambda c: (sign * c.value, -c.info.step, c.run))
+    return Ranking(metric, mode, candidates, len(committed))
+
+
+def differing_params(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per run, the job keys whose values are not the same in every run (what a sweep searched)."""
+    flat = {name: flatten(job) for name, job in jobs.items()}
+    keys = sorted({key for values in flat.values() for key in values})
+    varying = [key for key in keys if not key.startswith(NOT_PARAMS)
+               and len({json.dumps(values.get(key), sort_keys=True) for values in flat.values()}) > 1]
+    return {name: {key: values.get(key) for key in varying} for name, values in flat.items()}
+
+
+def _job_metric(jobs: dict[str, dict[str, Any]], field: str, path: str, storage: Storage) -> str:
+    found = {(job.get("metric") or {}).get(field) for job in jobs.values()} - {None}
+    if len(found) != 1:
+        flag = "--metric" if field == "name" else "--mode"
+        raise UserError(f"{storage.display(path)}: the runs' jobs name {len(found)} different metric {field}s "
+                        f"({', '.join(sorted(map(str, found)))}); choose one with {flag}")
+    return found.pop()
+
+
+def format_table(ranking: Ranking, limit: int | None = None) -> str:
+    rows = [["#", "run", "checkpoint", "epoch", ranking.metric, "params"]]
+    for number, candidate in enumerate(ranking.candidates[:limit], start=1):
+        rows.append([str(number), candidate.run, candidate.info.name, str(candidate.info.epoch),
+                     f"{candidate.value:.4f}", format_params(candidate.params)])
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
+    hidden = len(ranking.candidates) - len(rows) + 1
+    if hidden > 0:
+        lines.append(f"... and {hidden} more (--list shows all)")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{key}={_short(value)}" for key, value in params.items()) or "-"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
