@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from segjob.cluster import process_setup
 from segjob.cluster.worker import train_loop_per_worker
 from segjob.errors import UserError
 from segjob.job.schema import JobConfig
@@ -35,7 +38,16 @@ def runtime_env() -> dict[str, Any]:
     The handler must be installed at process level: Train V2 runs the training function in a
     thread, where signal.signal is not allowed.
     """
-    return {"env_vars": worker_env_vars(), "worker_process_setup_hook": "segjob.cluster.process_setup.setup_worker_process"}
+    hook = f"{process_setup.__name__}.{process_setup.setup_worker_process.__name__}"  # follows the code if it moves
+    return {"env_vars": worker_env_vars(), "worker_process_setup_hook": hook}
+
+
+def pyarrow_filesystem(storage: Storage) -> pyarrow.fs.FileSystem:
+    """The filesystem Ray's RunConfig(storage_filesystem=...) takes, over the run's storage; `storage.root`
+    is the storage_path to go with it."""
+    if storage.is_local:
+        return pyarrow.fs.LocalFileSystem()
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs))
 
 
 def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
@@ -111,7 +123,7 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Se
         run_config=RunConfig(
             name=job.name,
             storage_path=storage.root,
-            storage_filesystem=storage.pyarrow_fs(),
+            storage_filesystem=pyarrow_filesystem(storage),
             failure_config=failure_config(job),
             callbacks=list(callbacks),
         ),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.tune
 from ray.tune import Callback, FailureConfig, RunConfig, TuneConfig, Tuner
@@ -17,7 +20,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from segjob.cluster import driver, worker
 from segjob.cluster.worker import HEAD_NODE_RESOURCE
-from segjob.errors import setup_logging
+from segjob.errors import UserError, setup_logging
 from segjob.job.sweep import Sweep
 from segjob.results import sweep_report
 from segjob.store import checkpoint, ranking, run_folder
@@ -123,7 +126,8 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         error = Path(trial.error_file) if trial.error_file else None
         last_line = error.read_text().strip().splitlines()[-1] if error and error.is_file() else "see its error.txt"
-        log.warning("trial %s failed: %s | %s", trial.trial_id, last_line, self.summary(trials, {trial.trial_id: "ERROR"}))
+        log.warning("trial %s failed: %s | %s", trial.trial_id, last_line,
+                    self.summary(trials, {trial.trial_id: "ERROR"}))
 
     def summary(self, trials, status: dict[str, str] | None = None,
                 latest: tuple[float | None, str] | None = None) -> str:
@@ -168,12 +172,12 @@ def build_tuner(sweep: Sweep, storage: Storage, use_gpu: bool, callbacks: list[C
     """A restored Tuner when the sweep's folder holds one, else a new one; `callbacks` are extra
     Tune callbacks for a new sweep (bench/sweep.py times the trials with one)."""
     sweep_path = storage.path(sweep.name)
-    filesystem = storage.pyarrow_fs()
+    filesystem = driver.pyarrow_filesystem(storage)
     trainable = ray.tune.with_resources(make_trial_function(sweep, use_gpu), TRIAL_DRIVER_RESOURCES)
     if Tuner.can_restore(sweep_path, storage_filesystem=filesystem):
         log.info("restoring sweep '%s': finished trials stay finished, interrupted and failed ones resume "
                  "from their checkpoints", sweep.name)
-        return Tuner.restore(sweep_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
+        return restore(sweep, storage, trainable, filesystem)
 
     tune = sweep.tune
     searcher = OptunaSearch(
@@ -210,6 +214,20 @@ def build_tuner(sweep: Sweep, storage: Storage, use_gpu: bool, callbacks: list[C
             verbose=0,  # SweepProgress says what matters, one line at a time
         ),
     )
+
+
+def restore(sweep: Sweep, storage: Storage, trainable: Any, filesystem: pyarrow.fs.FileSystem) -> Tuner:
+    """Tune's saved state names the classes and functions it pickled by their module path: a sweep
+    started by a segjob whose modules have since moved cannot be restored, and is started again."""
+    sweep_path = storage.path(sweep.name)
+    try:
+        return Tuner.restore(sweep_path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
+    except (AttributeError, ImportError, pickle.UnpicklingError) as error:
+        raise UserError(
+            f"{storage.display(sweep_path)}: the sweep's saved Tune state was written by another version of "
+            f"segjob and cannot be read ({type(error).__name__}: {str(error).splitlines()[0][:160]}); start the "
+            f"sweep again with --restart (a fresh sweep beside it; finished trials' checkpoints stay where they are)"
+        ) from None
 
 
 def outcomes(grid: ray.tune.ResultGrid, sweep: Sweep) -> list[sweep_report.TrialOutcome]:
