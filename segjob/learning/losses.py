@@ -17,17 +17,16 @@ class weights, given or computed from the training masks (`inverse`, `median`; s
 `class_weights_from_data`). Losses compute in float32 whatever the autocast dtype.
 
 Adding a loss is one `LossEntry` in `LOSSES`: its name (the `name` tag of its config
-class in config.py), that class, a builder taking (config, num_classes, class_weights),
+class in job/schema.py), that class, a builder taking (config, num_classes, class_weights),
 and whether it needs the one-channel output.
 """
 
 from __future__ import annotations
 
-import difflib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +35,11 @@ from torch import nn
 
 from segjob.data.labels import IGNORE_INDEX
 from segjob.errors import UserError
+from segjob.job.registry import Entry, Registry
 from segjob.job.schema import (
     BCEConfig,
     BCEDiceConfig,
+    BinaryOutput,
     CEDiceConfig,
     CrossEntropyConfig,
     DiceConfig,
@@ -122,7 +123,8 @@ class CrossEntropy(nn.Module):
         counted = labelled_pixels(target, self.ignore_index)
         smoothed = target
         if self.label_smoothing:  # as torch does for probability targets, but only where labelled
-            smoothed = target * (1 - self.label_smoothing) + counted.unsqueeze(1) * (self.label_smoothing / self.num_classes)
+            smoothed = (target * (1 - self.label_smoothing)
+                        + counted.unsqueeze(1) * (self.label_smoothing / self.num_classes))
         if weight is not None:
             weight = weight.view(1, -1, 1, 1)
             smoothed, target = smoothed * weight, target * weight
@@ -187,7 +189,9 @@ class Dice(nn.Module):
             index = target.long().masked_fill(~counted, 0)
             p_true = probs.gather(1, index.unsqueeze(1)).reshape(-1)
             overlap = probs.new_zeros(self.num_classes).index_add(0, index.reshape(-1), p_true)
-            present = probs.new_zeros(self.num_classes).index_add(0, index.reshape(-1), counted.reshape(-1).to(probs.dtype))
+            present = probs.new_zeros(self.num_classes).index_add(
+                0, index.reshape(-1), counted.reshape(-1).to(probs.dtype)
+            )
         dice = (2 * overlap + self.smooth) / (predicted + present + self.smooth)
         return 1 - dice.mean()
 
@@ -350,21 +354,14 @@ def resolve_class_weights(cfg: Any, num_classes: int, train_set: Any) -> list[fl
 
 
 @dataclass(frozen=True)
-class LossEntry:
-    name: str
-    config_class: type
-    build: Callable[[Any, int, list[float] | None], nn.Module]
+class LossEntry(Entry):
+    build: Callable[[Any, int, list[float] | None], nn.Module]  # (config, num_classes, class_weights)
     binary: bool = False  # one sigmoid output channel for two-class data
 
-    def __post_init__(self) -> None:
-        tag = self.config_class.model_fields["name"].default
-        if tag != self.name:  # the YAML's loss.name must find this entry
-            raise ValueError(f"LossEntry '{self.name}' is registered with a config whose name is '{tag}'")
 
-
-LOSSES: dict[str, LossEntry] = {
-    entry.name: entry
-    for entry in (
+LOSSES: Registry[LossEntry] = Registry(
+    "loss",
+    (
         LossEntry("ce", CrossEntropyConfig,
                   lambda cfg, k, w: CrossEntropy(k, w, cfg.label_smoothing)),
         LossEntry("focal", FocalConfig,
@@ -382,16 +379,13 @@ LOSSES: dict[str, LossEntry] = {
         LossEntry("bce+dice", BCEDiceConfig,
                   lambda cfg, k, w: WeightedSum([(cfg.bce_weight, BinaryCrossEntropy(w)),
                                                  (cfg.dice_weight, BinaryDice(cfg.smooth))]), binary=True),
-    )
-}
+    ),
+    where="loss.name",
+)
 
 
 def _entry(cfg: Any, num_classes: int) -> LossEntry:
-    entry = LOSSES.get(getattr(cfg, "name", None))
-    if entry is None:
-        hint = difflib.get_close_matches(str(cfg.name), LOSSES, n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UserError(f"loss.name: unknown loss '{cfg.name}'{suggestion}; valid: {', '.join(sorted(LOSSES))}")
+    entry = LOSSES.lookup(getattr(cfg, "name", None))
     if not isinstance(cfg, entry.config_class):  # a programming error, not the user's
         raise TypeError(f"loss '{cfg.name}' needs a {entry.config_class.__name__}, got {type(cfg).__name__}")
     if entry.binary and num_classes != 2:
@@ -414,5 +408,8 @@ def output_channels(cfg: Any, num_classes: int) -> int:
 
 
 def binary_threshold(cfg: Any) -> float:
-    """Where a one-channel model's sigmoid probability becomes foreground."""
-    return float(getattr(cfg, "threshold", 0.5))
+    """Where a one-channel model's sigmoid probability becomes foreground: the one place that resolves it.
+
+    Softmax losses have no threshold (their models take the argmax); they get the schema's default.
+    """
+    return float(getattr(cfg, "threshold", BinaryOutput.model_fields["threshold"].default))

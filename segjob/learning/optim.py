@@ -15,19 +15,29 @@ run over the steps after the warmup.
 
 The lr is computed from counters (steps, epochs, plateau reductions) rather than by
 multiplying the previous lr, so resuming restores it exactly, and each param group's lr
-is its initial lr times one factor.
+is its initial lr times one factor. Adding a schedule is one function from those counters
+to the lr and one `ScheduleEntry` in `SCHEDULES` (its name is its config class's `name` tag).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from segjob.errors import UserError
-from segjob.job.schema import OptimConfig
+from segjob.job.registry import Entry, Registry
+from segjob.job.schema import (
+    ConstantSchedule,
+    CosineSchedule,
+    OptimConfig,
+    PlateauSchedule,
+    PolySchedule,
+    StepSchedule,
+)
 
 # ReduceLROnPlateau's default: an improvement must beat the best by this relative margin.
 PLATEAU_THRESHOLD = 1e-4
@@ -46,12 +56,59 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
     raise UserError(f"optim.name: unknown optimizer '{cfg.name}'; valid: adam, adamw, sgd")
 
 
+# --- the schedules: each one's lr from the counters, before the warmup ----------------------
+
+
+def _progress(schedule: Schedule) -> float:
+    """0 to 1 over the steps after the warmup (poly, cosine)."""
+    warmup = schedule.cfg.warmup_steps
+    span = max(1, schedule.total_steps - warmup)
+    return min(max(schedule.steps - warmup, 0), span) / span
+
+
+def _constant(cfg: ConstantSchedule, schedule: Schedule, base_lr: float) -> float:
+    return base_lr
+
+
+def _poly(cfg: PolySchedule, schedule: Schedule, base_lr: float) -> float:
+    return base_lr * (1.0 - _progress(schedule)) ** cfg.power
+
+
+def _step(cfg: StepSchedule, schedule: Schedule, base_lr: float) -> float:
+    return base_lr * cfg.gamma ** (schedule.epochs // cfg.step_epochs)
+
+
+def _cosine(cfg: CosineSchedule, schedule: Schedule, base_lr: float) -> float:
+    return cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * _progress(schedule)))
+
+
+def _plateau(cfg: PlateauSchedule, schedule: Schedule, base_lr: float) -> float:
+    return max(base_lr * cfg.plateau_factor ** schedule.reductions, min(cfg.min_lr, base_lr))
+
+
+@dataclass(frozen=True)
+class ScheduleEntry(Entry):
+    lr: Callable[[Any, Schedule, float], float]  # (config, the schedule's counters, base lr) -> lr before warmup
+
+
+SCHEDULES: Registry[ScheduleEntry] = Registry(
+    "schedule",
+    (
+        ScheduleEntry("constant", ConstantSchedule, _constant),
+        ScheduleEntry("poly", PolySchedule, _poly),
+        ScheduleEntry("step", StepSchedule, _step),
+        ScheduleEntry("cosine", CosineSchedule, _cosine),
+        ScheduleEntry("plateau", PlateauSchedule, _plateau),
+    ),
+    where="optim.schedule.name",
+)
+
+
 class Schedule:
     """Sets each param group's lr to initial lr x warmup factor x the schedule's factor."""
 
     def __init__(self, cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int):
-        if cfg.name not in ("constant", "poly", "step", "cosine", "plateau"):
-            raise UserError(f"optim.schedule.name: unknown schedule '{cfg.name}'")
+        self.entry = SCHEDULES.lookup(cfg.name)
         self.cfg = cfg
         self.optimizer = optimizer
         self.total_steps = max(1, total_steps)
@@ -112,20 +169,7 @@ class Schedule:
         return start + (1.0 - start) * self.steps / warmup
 
     def lr_for(self, base_lr: float) -> float:
-        cfg = self.cfg
-        lr = base_lr
-        if cfg.name in ("poly", "cosine"):
-            span = max(1, self.total_steps - cfg.warmup_steps)
-            progress = min(max(self.steps - cfg.warmup_steps, 0), span) / span
-            if cfg.name == "poly":
-                lr = base_lr * (1.0 - progress) ** cfg.power
-            else:
-                lr = cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-        elif cfg.name == "step":
-            lr = base_lr * cfg.gamma ** (self.epochs // cfg.step_epochs)
-        elif cfg.name == "plateau":
-            lr = max(base_lr * cfg.plateau_factor ** self.reductions, min(cfg.min_lr, base_lr))
-        return lr * self.warmup_factor()
+        return self.entry.lr(self.cfg, self, base_lr) * self.warmup_factor()
 
     def _apply(self) -> None:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
@@ -144,33 +188,20 @@ class Schedule:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "last_epoch" in state:  # a torch LR scheduler's state, from checkpoints before this class
-            state = _from_torch_scheduler(self.cfg.name, state, self.base_lrs[0])
+        missing = [key for key in self.state_dict() if key != "name" and key not in state]
+        if missing:
+            raise UserError(f"optim.schedule: the checkpoint's schedule state has no {', '.join(missing)}; it was not "
+                            f"written by this segjob: start the run again with --restart")
         if state.get("name", self.cfg.name) != self.cfg.name:
-            raise UserError(f"optim.schedule.name: the checkpoint was trained with '{state['name']}', not '{self.cfg.name}'")
+            raise UserError(
+                f"optim.schedule.name: the checkpoint was trained with '{state['name']}', not '{self.cfg.name}'"
+            )
         self.steps = int(state["steps"])
         self.epochs = int(state["epochs"])
         self.reductions = int(state["reductions"])
         self.best = None if state["best"] is None else float(state["best"])
         self.bad_evals = int(state["bad_evals"])
         self._apply()
-
-
-def _from_torch_scheduler(name: str, state: dict[str, Any], base_lr: float) -> dict[str, Any]:
-    """Counters from the LambdaLR / StepLR / ReduceLROnPlateau state dicts of older checkpoints."""
-    counted = int(state["last_epoch"])
-    reductions = 0
-    if name == "plateau":  # ReduceLROnPlateau keeps no count: recover it from the lr it reached
-        reached = state["_last_lr"][0]
-        reductions = max(0, round(math.log(reached / base_lr) / math.log(state["factor"]))) if reached > 0 else 0
-    best = state.get("best")
-    return {
-        "steps": counted if name in ("constant", "poly", "cosine") else 0,
-        "epochs": counted if name == "step" else 0,
-        "reductions": reductions,
-        "best": float(best) if name == "plateau" and best is not None and math.isfinite(best) else None,
-        "bad_evals": int(state.get("num_bad_epochs", 0)),
-    }
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -14,20 +14,20 @@ down to the architecture's minimum). PSPNet in training mode returns
 
 Encoders (encoders.py) are torchvision backbones built with weights=None; pretrained
 weights come only from model.encoder_weights (weights.py). Adding an architecture is one
-`ModelEntry` in `MODELS`: its name (the `name` tag of its config class in config.py),
+`ModelEntry` in `MODELS`: its name (the `name` tag of its config class in job/schema.py),
 that class, and a builder taking (config, in_channels, out_channels).
 """
 
 from __future__ import annotations
 
-import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from segjob.errors import UserError
+from segjob.job.registry import Entry, Registry
 from segjob.job.schema import EncoderModelBase, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
 from segjob.models.backbone import Backbone
 from segjob.models.encoder_unet import EncoderUNet
@@ -41,15 +41,8 @@ __all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet
 
 
 @dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    config_class: type
-    build: Callable[[Any, int, int], nn.Module]
-
-    def __post_init__(self) -> None:
-        tag = self.config_class.model_fields["name"].default
-        if tag != self.name:  # the YAML's model.name must find this entry
-            raise ValueError(f"ModelEntry '{self.name}' is registered with a config whose name is '{tag}'")
+class ModelEntry(Entry):
+    build: Callable[[Any, int, int], nn.Module]  # (config, in_channels, out_channels)
 
 
 def _prepare_encoder(encoder: Backbone, cfg: EncoderModelBase) -> None:
@@ -62,7 +55,9 @@ def _prepare_encoder(encoder: Backbone, cfg: EncoderModelBase) -> None:
 def _build_unet(cfg: UNetConfig, in_channels: int, out_channels: int) -> nn.Module:
     se_reduction = cfg.se_reduction if cfg.se else None
     if cfg.encoder == "none":
-        return UNet(in_channels, out_channels, base_channels=cfg.base_channels, depth=cfg.depth, se_reduction=se_reduction)
+        return UNet(
+            in_channels, out_channels, base_channels=cfg.base_channels, depth=cfg.depth, se_reduction=se_reduction
+        )
     encoder = Encoder(cfg.encoder, in_channels)
     _prepare_encoder(encoder, cfg)
     return EncoderUNet(encoder, out_channels, cfg.decoder_channels, se_reduction=se_reduction)
@@ -80,22 +75,19 @@ def _build_segnet(cfg: SegNetConfig, in_channels: int, out_channels: int) -> nn.
     return model
 
 
-MODELS: dict[str, ModelEntry] = {
-    entry.name: entry
-    for entry in (
+MODELS: Registry[ModelEntry] = Registry(
+    "model",
+    (
         ModelEntry("unet", UNetConfig, _build_unet),
         ModelEntry("pspnet", PSPNetConfig, _build_pspnet),
         ModelEntry("segnet", SegNetConfig, _build_segnet),
-    )
-}
+    ),
+    where="model.name",
+)
 
 
 def create_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
-    entry = MODELS.get(cfg.name)
-    if entry is None:
-        hint = difflib.get_close_matches(str(cfg.name), MODELS, n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise UserError(f"model.name: unknown model '{cfg.name}'{suggestion}; valid: {', '.join(sorted(MODELS))}")
+    entry = MODELS.lookup(cfg.name)
     if not isinstance(cfg, entry.config_class):  # a programming error, not the user's
         raise TypeError(f"model '{cfg.name}' needs a {entry.config_class.__name__}, got {type(cfg).__name__}")
     model = entry.build(cfg, in_channels, out_channels)

@@ -18,7 +18,6 @@ layer4 dilated 4). VGG's max-pools can't be dilated away; its output stride stay
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,7 @@ import torch
 import torchvision.models as tv
 from torch import nn
 
+from segjob.job.registry import Registry
 from segjob.models.backbone import Backbone
 from segjob.models.input_channels import rebuild_first_conv
 from segjob.models.vgg import VGG16BNTrunk
@@ -58,9 +58,9 @@ def _feature_slices(*ends: int) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(f"features.{i}" for i in range(start, end)) for start, end in zip(starts, ends))
 
 
-ENCODERS: dict[str, EncoderSpec] = {
-    spec.name: spec
-    for spec in (
+ENCODERS: Registry[EncoderSpec] = Registry(
+    "encoder",
+    (
         _resnet("resnet18", tv.resnet18, (64, 64, 128, 256, 512)),
         _resnet("resnet34", tv.resnet34, (64, 64, 128, 256, 512)),
         _resnet("resnet50", tv.resnet50, (64, 256, 512, 1024, 2048)),
@@ -79,17 +79,14 @@ ENCODERS: dict[str, EncoderSpec] = {
             "mobilenet_v3_large", tv.mobilenet_v3_large, _feature_slices(2, 4, 7, 13, 17), (16, 24, 40, 112, 960),
             (2, 4, 8, 16, 32), first_conv="features.0.0",
         ),
-    )
-}
+    ),
+    sort_valid=False,  # smallest to largest within a kind, as registered
+    error=ValueError,  # a caller's bug: the schema has checked a job file's model.encoder already
+)
 
 
 def encoder_spec(name: str) -> EncoderSpec:
-    spec = ENCODERS.get(name)
-    if spec is None:
-        hint = difflib.get_close_matches(name, ENCODERS, n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ValueError(f"unknown encoder '{name}'{suggestion}; valid: {', '.join(ENCODERS)}")
-    return spec
+    return ENCODERS.lookup(name)
 
 
 class Encoder(Backbone):
