@@ -205,18 +205,3 @@ def test_a_schedule_state_of_another_kind_is_refused():
 def test_a_schedule_state_segjob_did_not_write_is_one_line():
     with pytest.raises(UserError, match=r"^optim.schedule: the checkpoint's schedule state has no steps, epochs"):
         schedule({"name": "poly"}).load_state_dict({"last_epoch": 7, "_last_lr": [0.001]})
-
-
-def test_jobs_recorded_with_the_flat_schedule_section_still_validate():
-    """Checkpoints and job.json files written before schedules became a family hold every key."""
-    from segjob.job.schema import JobConfig
-
-    flat = {"name": "plateau", "power": 0.9, "step_epochs": 7, "gamma": 0.7, "min_lr": 0.0,
-            "plateau_metric": "val/miou", "plateau_mode": "max", "plateau_factor": 0.5, "plateau_patience": 2}
-    schedule = JobConfig.model_validate({"name": "old", "optim": {"schedule": flat}}).optim.schedule
-    assert (schedule.name, schedule.plateau_metric, schedule.plateau_factor, schedule.min_lr) == (
-        "plateau", "val/miou", 0.5, 0.0)
-    cosine = JobConfig.model_validate({"name": "old", "optim": {"schedule": {**flat, "name": "cosine"}}}).optim.schedule
-    assert cosine.model_dump() == {"name": "cosine", "min_lr": 0.0, "warmup_steps": 0, "warmup_start_factor": 0.01}
-    with pytest.raises(ValueError, match="power"):  # what a user writes is still checked key by key
-        JobConfig.model_validate({"name": "new", "optim": {"schedule": {"name": "cosine", "power": 0.9}}})

@@ -24,15 +24,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     """Read, override and validate a job file; every problem becomes one UserError line."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: job file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise UserError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
-    if raw is None:
+    raw = read_yaml(path, "job")
+    if raw is None:  # an empty job file: every default
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of sections (name, data, model, ...)")
@@ -43,6 +36,18 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         set_path(raw, key, value, override)
         applied[key] = override
     return validate_job(raw, source=str(path), overrides=applied)
+
+
+def read_yaml(path: Path, kind: str) -> Any:
+    """A job or sweep file's parsed YAML; a missing file or a syntax error is one UserError line that names the file."""
+    if not path.is_file():
+        raise UserError(f"{path}: {kind} file not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise UserError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
 
 
 def validate_job(raw: dict[str, Any], source: str = "job", overrides: dict[str, str] | None = None) -> JobConfig:
@@ -66,10 +71,11 @@ def resolve_local_paths(job: JobConfig, base: Path | None = None) -> JobConfig:
     update: dict[str, Any] = {}
     for section in ("data", "model"):
         config = getattr(job, section)
-        path_keys = config.path_keys() if hasattr(config, "path_keys") else ()
-        local = {key: getattr(config, key) for key in path_keys if getattr(config, key) and "://" not in getattr(config, key)}
+        local = {key: getattr(config, key) for key in config.path_keys()}
+        local = {key: path for key, path in local.items() if path and "://" not in path}
         if local:
-            update[section] = config.model_copy(update={key: str((base / path).resolve()) for key, path in local.items()})
+            absolute = {key: str((base / path).resolve()) for key, path in local.items()}
+            update[section] = config.model_copy(update=absolute)
     if "://" not in job.storage.uri:
         update["storage"] = job.storage.model_copy(update={"uri": str((base / job.storage.uri).resolve())})
     return job.model_copy(update=update)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import difflib
 import re
-import types
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Any
 
-from segjob.job.schema import JobConfig, Section
+from segjob.job.schema import JobConfig
+from segjob.job.walk import walk_location
 
 
 def error_key(error: dict) -> str:
-    return ".".join(str(part) for part in _user_loc(error["loc"]))
+    """The dotted key a user wrote for an error, without the tags pydantic adds (data.pets.root -> data.root)."""
+    return ".".join(str(part) for part in walk_location(JobConfig, error["loc"])[0])
 
 
 def problems_in(errors: list[dict], raw: dict) -> list[str]:
@@ -41,76 +42,18 @@ def _expected_form(error: dict) -> str:
     return error["msg"]
 
 
-def _user_loc(loc: tuple) -> list:
-    """Drop the tags pydantic inserts: a tagged union's (data.pets.root -> data.root) and a plain
-    union's member (scaling.use_gpu.bool -> scaling.use_gpu)."""
-    parts, model = [], JobConfig
-    for part in loc:
-        if model is _MEMBER:  # the union member pydantic tried, not a key
-            model = None
-            continue
-        if model is None:
-            parts.append(part)
-            continue
-        if isinstance(model, dict):  # a tagged union: this part is the tag
-            model = model.get(part)
-            continue
-        parts.append(part)
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        model = _section_type(field.annotation) if field else None
-        if model is None and field is not None and _plain_union(field.annotation):
-            model = _MEMBER
-    return parts
-
-
-_MEMBER = object()  # marks the next part of a location as a union member's name
-
-
-def _plain_union(annotation: Any) -> bool:
-    """A union of plain values (auto or a boolean, ...); None does not count: pydantic names no member for it."""
-    if get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    if get_origin(annotation) not in (Union, types.UnionType):
-        return False
-    return len([member for member in get_args(annotation) if member is not type(None)]) > 1
-
-
-def _section_type(annotation: Any) -> Any:
-    """The Section class (or {tag: class} for a tagged union) a field holds, else None."""
-    if get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    if get_origin(annotation) is Union:
-        members = [m for m in get_args(annotation) if isinstance(m, type) and issubclass(m, Section)]
-        if members and all("name" in m.model_fields for m in members):
-            return {m.model_fields["name"].default: m for m in members}
-        return members[0] if len(members) == 1 else None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) else None
-
-
-def _model_at(key_parts: list) -> Any:
-    model: Any = JobConfig
-    for part in key_parts:
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        model = _section_type(field.annotation) if field else None
-        if model is None:
-            return None
-    return model
-
-
 def _describe(error: dict, raw: dict) -> str:
-    parts = _user_loc(error["loc"])
+    parts, found = walk_location(JobConfig, error["loc"])
     key = ".".join(str(p) for p in parts)
     kind = error["type"]
     if kind == "extra_forbidden":
-        parent = _model_at(parts[:-1])
-        if isinstance(parent, dict):  # unknown key inside a union member: find which member
-            parent = parent.get(_lookup(raw, parts[:-1] + ["name"]))
+        parent = walk_location(JobConfig, error["loc"][:-1])[1]  # the location names the family member
         valid = sorted(parent.model_fields) if isinstance(parent, type) else []
         hint = difflib.get_close_matches(str(parts[-1]), valid, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"{key}: unknown key{suggestion}; valid keys here: {', '.join(valid)}"
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tags = sorted(_model_at(parts) or {})
+        tags = sorted(found or {})
         given = _lookup(raw, parts + ["name"])
         hint = difflib.get_close_matches(str(given), tags, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""

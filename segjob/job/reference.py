@@ -1,4 +1,4 @@
-"""The job file reference, generated from the pydantic schema in segjob/config.py.
+"""The job file reference, generated from the pydantic schema in segjob/job/schema.py.
 
     python -m segjob.job.reference > docs/job-reference.md
 
@@ -15,15 +15,14 @@ import enum
 import importlib
 import re
 import sys
-import types
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 
 from segjob.job.schema import JobConfig
+from segjob.job.walk import TAG, is_section, is_union, strip_annotated, tag_of, union_members
 
 HEADER = """\
 # Job file reference
@@ -61,23 +60,6 @@ class Block:
 # --- walking the schema ---------------------------------------------------------------------
 
 
-def is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def strip_annotated(annotation: Any) -> Any:
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    return annotation
-
-
-def union_members(annotation: Any) -> list[Any]:
-    annotation = strip_annotated(annotation)
-    if get_origin(annotation) in (Union, types.UnionType):
-        return [strip_annotated(member) for member in get_args(annotation)]
-    return [annotation]
-
-
 def discriminator_of(info: FieldInfo | None, annotation: Any) -> str | None:
     """The key that picks a member of a family of sections: declared, else a shared `name` Literal."""
     declared = getattr(info, "discriminator", None) if info is not None else None
@@ -87,17 +69,9 @@ def discriminator_of(info: FieldInfo | None, annotation: Any) -> str | None:
         if isinstance(getattr(meta, "discriminator", None), str):
             return meta.discriminator
     sections = [m for m in union_members(annotation) if is_section(m)]
-    if len(sections) > 1 and all(_literal_default(m, "name") is not None for m in sections):
-        return "name"
+    if len(sections) > 1 and all(tag_of(m, TAG) is not None for m in sections):
+        return TAG
     return None
-
-
-def _literal_default(model: type[BaseModel], key: str) -> Any:
-    info = model.model_fields.get(key)
-    if info is None or get_origin(strip_annotated(info.annotation)) is not Literal:
-        return None
-    values = get_args(strip_annotated(info.annotation))
-    return info.default if info.default is not PydanticUndefined else values[0]
 
 
 def nested_sections(annotation: Any, discriminator: str | None = None) -> list[tuple[str, type[BaseModel], str]]:
@@ -106,15 +80,17 @@ def nested_sections(annotation: Any, discriminator: str | None = None) -> list[t
     annotation = strip_annotated(annotation)
     origin = get_origin(annotation)
     if is_section(annotation):
-        tag = _literal_default(annotation, discriminator) if discriminator else None
+        tag = tag_of(annotation, discriminator) if discriminator else None
         return [("", annotation, f"{discriminator}: {value_text(tag)}" if tag is not None else "")]
     if origin in (list, tuple, set, frozenset):
         return [("[]" + suffix, model, selector) for arg in get_args(annotation) if arg is not Ellipsis
                 for suffix, model, selector in nested_sections(arg)]
     if origin is dict:
         args = get_args(annotation)
-        return [(".<key>" + suffix, model, selector) for suffix, model, selector in nested_sections(args[1])] if len(args) == 2 else []
-    if origin in (Union, types.UnionType):
+        if len(args) != 2:
+            return []
+        return [(".<key>" + suffix, model, selector) for suffix, model, selector in nested_sections(args[1])]
+    if is_union(annotation):
         return [found for member in get_args(annotation) for found in nested_sections(member, discriminator)]
     return []
 
@@ -147,13 +123,13 @@ def type_name(annotation: Any, discriminator: str | None = None) -> str:
     origin = get_origin(annotation)
     members = union_members(annotation)
     if discriminator and len(members) > 1 and all(is_section(m) for m in members):
-        tags = ", ".join(f"`{value_text(_literal_default(m, discriminator))}`" for m in members)
+        tags = ", ".join(f"`{value_text(tag_of(m, discriminator))}`" for m in members)
         return f"one of ({discriminator}: {tags})"
     if annotation is type(None):
         return "null"
     if origin is Literal:
         return " \\| ".join(f"`{value_text(v)}`" for v in literal_values(annotation))
-    if origin in (Union, types.UnionType):
+    if is_union(annotation):
         members = get_args(annotation)
         return " or ".join(type_name(m) for m in members)
     if origin in (list, set, frozenset):
@@ -210,7 +186,7 @@ def default_text(info: FieldInfo, full: str) -> str:
     if info.default_factory is not None:
         made = info.default_factory()
         if isinstance(made, BaseModel):
-            tag = _literal_default(type(made), discriminator_of(info, info.annotation) or "")
+            tag = tag_of(type(made), discriminator_of(info, info.annotation) or "")
             return f"`{value_text(tag)}`" if tag is not None else "see below"
         return f"`{value_text(made)}`"
     if isinstance(info.default, BaseModel):

