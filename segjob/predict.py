@@ -20,8 +20,9 @@ one depth file per image (--depth, in the same order): .npy in metres, or a 16-b
 millimetres (the Kinect/NYUv2 convention).
 
 --export-onnx writes the model (batch size free, input size data.image_size; weights over
-1 GiB in FILE.onnx.data beside it) with torch's exporter and runs onnxruntime on a sample against PyTorch; the largest difference is
-reported, and the command fails when it is beyond 1e-3 (+1e-3 relative).
+1 GiB in FILE.onnx.data beside it) with torch's exporter and runs onnxruntime on a sample
+against PyTorch; the largest difference is reported, and the command fails when it is
+beyond 1e-3 (+1e-3 relative).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from segjob.engine.evaluation import logits_of
 from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.learning.metrics import predict_labels
 from segjob.results import figures
-from segjob.results.trained import Trained, add_checkpoint_arguments, data_overrides, load_trained
+from segjob.results.trained import Trained, add_checkpoint_arguments, trained_from_arguments
 
 log = logging.getLogger("segjob")
 
@@ -189,11 +190,12 @@ def write_prediction(trained: Trained, item: Prepared, prediction: Prediction, o
         files["probability"] = out / f"{stem}.prob.png"
         Image.fromarray(figures.probability_image(prediction.probability)).save(files["probability"])
     counts = np.bincount(prediction.labels.reshape(-1), minlength=trained.num_classes)
+    shares = [round(float(count) / prediction.labels.size, 6) for count in counts]
     return {
         "image": str(item.path),
         "size": [int(item.rgb.shape[1]), int(item.rgb.shape[0])],
         "files": {kind: path.name for kind, path in files.items()},
-        "class_share": {name: round(float(count) / prediction.labels.size, 6) for name, count in zip(trained.class_names, counts)},
+        "class_share": dict(zip(trained.class_names, shares)),
     }
 
 
@@ -243,7 +245,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", nargs="+", type=Path, default=None, metavar="DEPTH",
                         help="RGB-D models: one depth file per image, in order (.npy metres or 16-bit PNG millimetres)")
     parser.add_argument("--threshold", type=float, default=None,
-                        help="one-channel models: foreground above this probability (default: the job's loss.threshold)")
+                        help="one-channel models: foreground above this probability "
+                             "(default: the job's loss.threshold)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     parser.add_argument("--export-onnx", type=Path, default=None, metavar="FILE.onnx",
                         help="also export the model to ONNX and check it against PyTorch with onnxruntime")
@@ -254,7 +257,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.images and args.out is None:
         parser.error("--out DIR is needed for the predictions")
     if args.depth is not None and len(args.depth) != len(args.images):
-        parser.error(f"--depth: {len(args.depth)} depth files for {len(args.images)} images; give one per image, in order")
+        parser.error(f"--depth: {len(args.depth)} depth files for {len(args.images)} images; "
+                     f"give one per image, in order")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must be between 0 and 1")
     if args.batch_size < 1:
@@ -266,12 +270,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    trained = load_trained(args.checkpoint, endpoint_url=args.endpoint_url, data_root=args.data,
-                           data_overrides=data_overrides(args.overrides), pick=args.pick, device=args.device)
-    if args.threshold is not None and not trained.is_binary:
-        raise UserError("--threshold: only for one-channel (bce, bce+dice) models; this one takes the argmax")
+    trained = trained_from_arguments(args)
     if trained.in_channels == 4 and args.images and args.depth is None:
-        raise UserError(f"{trained.source}: an RGB-D model (4 input channels); pass one depth file per image with --depth")
+        raise UserError(f"{trained.source}: an RGB-D model (4 input channels); "
+                        f"pass one depth file per image with --depth")
     if trained.in_channels != 4 and args.depth is not None:
         raise UserError(f"--depth: the model takes {trained.in_channels} input channels, no depth")
     threshold = trained.threshold if args.threshold is None else args.threshold
@@ -282,10 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     stems = output_stems(args.images)
     records = []
     batches = range(0, len(args.images), args.batch_size)
-    for start in tqdm(batches, desc="predict", unit="batch", disable=not args.progress, file=sys.stderr, dynamic_ncols=True):
+    for start in tqdm(batches, desc="predict", unit="batch", disable=not args.progress, file=sys.stderr,
+                      dynamic_ncols=True):
+        end = start + args.batch_size
         chunk = [prepare(trained, path, depth, transform)
-                 for path, depth in zip(args.images[start:start + args.batch_size], depths[start:start + args.batch_size])]
-        for item, prediction, stem in zip(chunk, predict(trained, chunk, threshold), stems[start:start + args.batch_size]):
+                 for path, depth in zip(args.images[start:end], depths[start:end])]
+        for item, prediction, stem in zip(chunk, predict(trained, chunk, threshold), stems[start:end]):
             records.append(write_prediction(trained, item, prediction, args.out, stem))
     summary: dict[str, Any] = {"checkpoint": trained.source, "class_names": trained.class_names, "images": records}
     if trained.is_binary:

@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=["max", "min"], help="default: the job's metric.mode")
     parser.add_argument("--top", type=int, default=1, metavar="K", help="download the K best checkpoints (default 1)")
     parser.add_argument("--list", action="store_true", help="print every ranked checkpoint; download nothing")
-    parser.add_argument("--endpoint-url", help="S3/GCS endpoint (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
+    parser.add_argument("--endpoint-url",
+                        help="S3/GCS endpoint (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
     args = parser.parse_args(argv)
     if args.top < 1:
         parser.error("--top must be 1 or more")

@@ -42,7 +42,8 @@ def epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number and math.isfinite(value) else None
 
 
 def series(records: list[dict[str, Any]], key: str, x_key: str = "epoch") -> tuple[list[float], list[float]]:
@@ -66,7 +67,9 @@ def learning_curves(history: list[dict[str, Any]], out: Path, title: str) -> dic
     steps = [record for record in history if "train/step_loss" in record]
     written = {}
 
-    loss = [figures.Curve("train/step_loss", *series(steps, "train/step_loss"), marker=None, alpha=0.35)] if steps else []
+    loss = []
+    if steps:  # every logged step, faint, behind the epoch means
+        loss.append(figures.Curve("train/step_loss", *series(steps, "train/step_loss"), marker=None, alpha=0.35))
     loss += curve(epochs, "train/loss") + curve(epochs, "val/loss")
     written["loss"] = figures.save(figures.line_plot(loss, f"{title}: loss", "loss"), out / "loss.png")
 
@@ -79,11 +82,13 @@ def learning_curves(history: list[dict[str, Any]], out: Path, title: str) -> dic
     lr = curve(epochs, "lr")
     lrs = [y for c in lr for y in c.y if y > 0]
     log_scale = bool(lrs) and max(lrs) / min(lrs) > 20
-    written["lr"] = figures.save(figures.line_plot(lr, f"{title}: learning rate", "lr", log_y=log_scale), out / "lr.png")
+    written["lr"] = figures.save(figures.line_plot(lr, f"{title}: learning rate", "lr", log_y=log_scale),
+                                 out / "lr.png")
 
     scores = curve(epochs, "val/pixel_acc") + curve(epochs, "val/mean_acc") + curve(epochs, "val/dice")
     if scores:
-        written["scores"] = figures.save(figures.line_plot(scores, f"{title}: validation scores", "score"), out / "scores.png")
+        written["scores"] = figures.save(figures.line_plot(scores, f"{title}: validation scores", "score"),
+                                         out / "scores.png")
     return written
 
 

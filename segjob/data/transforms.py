@@ -32,7 +32,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from segjob.data.labels import IGNORE_INDEX
-from segjob.data.photometric import photometric_steps
+from segjob.data.photometric import photometric_steps, uniform
 from segjob.job.schema import AugmentConfig, DataBase
 
 Sample = dict[str, torch.Tensor]  # "image": tv_tensors.Image, "mask": tv_tensors.Mask, optional "depth": Depth
@@ -51,11 +51,6 @@ class Step(Protocol):
     random: bool  # draws from the generator: only allowed in training transforms
 
     def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample: ...
-
-
-def uniform(generator: torch.Generator, low: float = 0.0, high: float = 1.0) -> float:
-    """One draw in [low, high) from the sample's own generator."""
-    return low + (high - low) * float(torch.rand((), generator=generator))
 
 
 def fill_for(value: torch.Tensor) -> float:

@@ -24,13 +24,13 @@ import numpy as np
 import scipy.io
 
 from segjob.data.files import READ_ERRORS, Finding, label_value_findings
-from segjob.data.labels import IGNORE_INDEX, IndexCoding, default_palette
+from segjob.data.labels import IGNORE_INDEX, IndexCoding, Palette
 from segjob.data.paired import PairedFileDataset
 from segjob.data.remote import local_root
 from segjob.data.splits import random_split, without
 from segjob.data.transforms import build_transform
 from segjob.errors import UserError
-from segjob.job.schema import VOCData
+from segjob.job.schema import FileDataBase, VOCData
 
 log = logging.getLogger("segjob")
 
@@ -41,12 +41,20 @@ CLASS_NAMES = [
 LAYOUT = "VOCdevkit/VOC2012/ with JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/{train,val}.txt"
 
 
-class VOCDataset(PairedFileDataset):
-    dataset_name, label_kind = "voc", "mask"
+Pairs = dict[str, tuple[Path, Path]]  # {sample name: (image file, label file)}
 
-    def __init__(self, pairs: dict[str, tuple[Path, Path]], **common):
-        coding = IndexCoding({label: label for label in range(len(CLASS_NAMES))}, ignore=[IGNORE_INDEX])
-        super().__init__(list(pairs), coding, CLASS_NAMES, palette=default_palette(len(CLASS_NAMES)), **common)
+
+class ListedPairsDataset(PairedFileDataset):
+    """Samples found as (image, label file) pairs, whose label values are the class indices
+    (VOC, CamVid). A subclass names its classes, the label value it ignores and its colours."""
+
+    classes: list[str] = []
+    ignored_label = IGNORE_INDEX
+    colours: Palette | None = None  # None: the PASCAL VOC colour map
+
+    def __init__(self, pairs: Pairs, **common):
+        coding = IndexCoding({label: label for label in range(len(self.classes))}, ignore=[self.ignored_label])
+        super().__init__(list(pairs), coding, self.classes, palette=self.colours, **common)
         self.pairs = pairs
 
     def image_path(self, name: str) -> Path:
@@ -54,6 +62,22 @@ class VOCDataset(PairedFileDataset):
 
     def label_path(self, name: str) -> Path:
         return self.pairs[name][1]
+
+
+def train_and_val(dataset: type[ListedPairsDataset], cfg: FileDataBase, seed: int, train_pairs: Pairs,
+                  val_pairs: Pairs) -> tuple[ListedPairsDataset, ListedPairsDataset]:
+    """(train, val) datasets of the pairs data.exclude leaves, each with its split's transform."""
+
+    def kept(pairs: Pairs) -> Pairs:
+        return {name: pairs[name] for name in without(list(pairs), cfg.exclude)}
+
+    return (dataset(kept(train_pairs), transform=build_transform(cfg, train=True), seed=seed, train=True),
+            dataset(kept(val_pairs), transform=build_transform(cfg, train=False), seed=seed, train=False))
+
+
+class VOCDataset(ListedPairsDataset):
+    dataset_name, label_kind = "voc", "mask"
+    classes = CLASS_NAMES  # void (255) is ignored
 
     def read_raw_labels(self, path: Path, grid: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
         if path.suffix != ".mat":
@@ -86,7 +110,7 @@ def find_voc2012(root: Path) -> Path:
     raise UserError(f"data.root: no VOC2012 folder under {root}; expected {LAYOUT}")
 
 
-def list_pairs(voc: Path, list_file: Path, default_masks: str) -> dict[str, tuple[Path, Path]]:
+def list_pairs(voc: Path, list_file: Path, default_masks: str) -> Pairs:
     """{ID: (image, mask)} from a list of IDs or of 'image mask' path pairs (relative to VOC2012/)."""
     if not list_file.is_file():
         raise UserError(f"data: {list_file} not found; the layout is {LAYOUT}")
@@ -126,11 +150,5 @@ def build(cfg: VOCData, seed: int) -> tuple[VOCDataset, VOCDataset]:
         pool = {**train_pairs, **val_pairs}
         train_names, val_names = random_split(list(pool), cfg.val_fraction, seed)
         train_pairs, val_pairs = ({name: pool[name] for name in names} for names in (train_names, val_names))
-
-    def kept(pairs: dict) -> dict:
-        return {name: pairs[name] for name in without(list(pairs), cfg.exclude)}
-
-    train = VOCDataset(kept(train_pairs), transform=build_transform(cfg, train=True), seed=seed, train=True)
-    val = VOCDataset(kept(val_pairs), transform=build_transform(cfg, train=False), seed=seed, train=False)
-    return train, val
+    return train_and_val(VOCDataset, cfg, seed, train_pairs, val_pairs)
 

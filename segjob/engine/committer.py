@@ -17,9 +17,10 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from segjob.engine.session import Session
 from segjob.job.schema import JobConfig
@@ -86,8 +87,8 @@ class Committer:
                                          metrics=metrics, reason=reason)
             info = checkpoint.commit(self.storage, self.run_path, folder, meta)
         except Exception as error:  # storage errors come in many types; none may stop training
-            log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, the next checkpoint tries again",
-                        step, type(error).__name__, error)
+            log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, "
+                        "the next checkpoint tries again", step, type(error).__name__, error)
             return None
         finally:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,7 @@
 """One worker's training loop: set up, resume, train, evaluate, checkpoint, report.
 
-    engine.run(job, LocalSession())          # one plain process
-    engine.run(job, RaySession(job))         # a Ray Train worker (segjob.ray_worker)
+    loop.run(job, LocalSession())          # one plain process
+    loop.run(job, RaySession(job))         # a Ray Train worker (segjob.cluster.worker)
 
 The engine never imports Ray. Every rank runs this same function; rank 0 writes and
 commits checkpoints to storage, and every rank calls `session.report` (and Ray's
@@ -10,14 +10,13 @@ Resume takes the newest committed checkpoint in storage, restores everything it 
 (weights, optimizer, schedule, scaler, RNG, epoch, step and the position in the epoch's
 global sample order) and carries on mid-epoch if that is where it stopped, on any number
 of workers: every optimizer step takes the same global batch. A preemption notice makes
-it checkpoint at once and again before the deadline (segjob.preemption_plan), never stop.
+it checkpoint at once and again before the deadline (segjob.engine.preemption.plan), never stop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -31,23 +30,23 @@ from torch.utils.data import DataLoader
 
 from segjob.data import build_datasets
 from segjob.data.base import mix_seed
-from segjob.data.labels import IGNORE_INDEX
 from segjob.data.mixing import BatchMixer, build_mixer
 from segjob.data.sampler import EvalBatchSampler, TrainBatchSampler
 from segjob.engine.committer import Committer
+from segjob.engine.evaluation import Scorer, summary
 from segjob.engine.preemption import sigterm, watcher
 from segjob.engine.preemption.plan import PreemptionPlan
 from segjob.engine.session import Session
 from segjob.engine.step_flags import StepFlags
 from segjob.errors import UserError
 from segjob.job.schema import JobConfig
-from segjob.learning.losses import build_loss, output_channels
-from segjob.learning.metrics import ConfusionMatrix, predict_labels
+from segjob.learning.losses import binary_threshold, build_loss, output_channels
+from segjob.learning.metrics import ConfusionMatrix
 from segjob.learning.optim import Schedule, build_optimizer, current_lr
 from segjob.models import create_model
 from segjob.models.batchnorm import sync_batchnorm
-from segjob.store import checkpoint
-from segjob.store.run_folder import DONE_FILE
+from segjob.store import checkpoint, run_folder
+from segjob.store.run_folder import DONE_FILE  # noqa: F401 - callers find the run's finished marker here
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -186,7 +185,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_sampler(job: JobConfig, session: Session, train_set, epoch: int, start_position: int = 0) -> TrainBatchSampler:
+def train_sampler(job: JobConfig, session: Session, train_set, epoch: int,
+                  start_position: int = 0) -> TrainBatchSampler:
     try:
         return TrainBatchSampler(
             len(train_set), job.train.batch_size, session.rank, session.world_size, job.seed, epoch,
@@ -213,7 +213,8 @@ def resume(worker: Worker) -> None:
         return
     if problems:
         # never start over silently: retention would then delete the checkpoints that exist
-        raise UserError(f"no usable checkpoint among {len(problems)} committed in {worker.run_path}; newest: {problems[0]}")
+        raise UserError(f"no usable checkpoint among {len(problems)} committed in {worker.run_path}; "
+                        f"newest: {problems[0]}")
 
 
 def load_into(worker: Worker, info: checkpoint.CheckpointInfo) -> None:
@@ -237,7 +238,8 @@ def load_into(worker: Worker, info: checkpoint.CheckpointInfo) -> None:
 
 def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     job, session, progress = worker.job, worker.session, worker.progress
-    sampler = train_sampler(job, session, worker.train_set, epoch, start_position=progress.position if epoch == progress.epoch else 0)
+    start_position = progress.position if epoch == progress.epoch else 0  # mid-epoch only in the epoch resumed
+    sampler = train_sampler(job, session, worker.train_set, epoch, start_position)
     loader = make_loader(worker, worker.train_set, sampler)
     progress.epoch = epoch
     micro_per_step = sampler.micro_per_step
@@ -321,7 +323,8 @@ def weighted(loss: torch.Tensor, size: int, sampler: TrainBatchSampler) -> torch
     return loss / (sampler.global_batch / (size * sampler.world_size))
 
 
-def training_loss(worker: Worker, outputs: torch.Tensor | dict[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+def training_loss(worker: Worker, outputs: torch.Tensor | dict[str, torch.Tensor],
+                  targets: torch.Tensor) -> torch.Tensor:
     """The job's loss; a model with an auxiliary head (PSPNet) adds aux_weight x the same loss on it."""
     if not isinstance(outputs, dict):
         return worker.loss_fn(outputs, targets)
@@ -346,44 +349,29 @@ def make_loader(worker: Worker, dataset, batch_sampler) -> DataLoader:
     )
 
 
-@torch.no_grad()
 def evaluate(worker: Worker) -> dict[str, float]:
     """Every validation sample exactly once across ranks; one all-reduce at the end."""
     session = worker.session
-    num_classes = len(worker.val_set.class_names)
     sampler = EvalBatchSampler(len(worker.val_set), worker.job.train.batch_size, session.rank, session.world_size)
-    matrix = ConfusionMatrix(num_classes, device=worker.device)
-    threshold = getattr(worker.job.loss, "threshold", 0.5)
-    # loss x labelled pixels, labelled pixels, samples
-    totals = torch.zeros(3, dtype=torch.float64, device=worker.device)
+    matrix = ConfusionMatrix(len(worker.val_set.class_names), device=worker.device)
     # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
-    model = worker.model
-    model.eval()
+    scorer = Scorer(worker.model, worker.loss_fn, binary_threshold(worker.job.loss), worker.device,
+                    precision=lambda: autocast(worker))
+    worker.model.eval()
     for images, masks in make_loader(worker, worker.val_set, sampler):
-        images = images.to(worker.device, non_blocking=True)
-        masks = masks.to(worker.device, non_blocking=True)
-        with autocast(worker):
-            logits = model(images)
-        labelled = (masks != IGNORE_INDEX).sum()
-        # the job's own loss (the one training minimises), weighted by the pixels it averaged over
-        totals[0] += worker.loss_fn(logits, masks).double() * labelled
-        totals[1] += labelled
-        totals[2] += images.shape[0]
-        matrix.update(masks, predict_labels(logits, threshold))
-    model.train()
+        matrix.update(*scorer.score(images, masks))
+    worker.model.train()
     matrix.all_reduce()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    if int(totals[2]) != len(worker.val_set):
-        raise RuntimeError(f"evaluated {int(totals[2])} samples, the validation set has {len(worker.val_set)}")
-    metrics = matrix.summary(worker.val_set.class_names, prefix="val")
-    metrics["val/loss"] = float(totals[0] / totals[1].clamp(min=1))
-    return metrics
+    scorer.all_reduce()
+    if scorer.samples != len(worker.val_set):
+        raise RuntimeError(f"evaluated {scorer.samples} samples, the validation set has {len(worker.val_set)}")
+    return summary(matrix, worker.val_set.class_names, "val", scorer.loss)
 
 
 def mean_across_ranks(loss_sum: torch.Tensor, count: int) -> float:
     """The mean over every rank's samples: loss_sum holds loss x samples per micro-batch."""
-    totals = torch.stack([loss_sum.detach().double(), torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)])
+    count_here = torch.tensor(float(count), dtype=torch.float64, device=loss_sum.device)
+    totals = torch.stack([loss_sum.detach().double(), count_here])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)
     return float(totals[0] / totals[1].clamp(min=1))
@@ -444,7 +432,8 @@ def checkpoint_for_preemption(worker: Worker, metrics: dict[str, Any], final: bo
     seconds = time.perf_counter() - started
     worker.plan.commit_seconds = max(worker.plan.commit_seconds, seconds)
     if worker.is_chief:
-        log.warning("preemption checkpoint committed in %.1f s: %s", seconds, worker.committer.last_committed or "FAILED")
+        log.warning("preemption checkpoint committed in %.1f s: %s", seconds,
+                    worker.committer.last_committed or "FAILED")
     if final:
         wait_for_restart(worker)
 
@@ -503,8 +492,7 @@ def last_checkpoint_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def mark_done(worker: Worker, metrics: dict[str, Any]) -> None:
     """Only a run that completed all its epochs is 'finished' when submitted again."""
-    record = {"epochs": worker.job.train.epochs, "step": worker.progress.step, "metrics": metrics, "time": time.time()}
-    worker.storage.write_bytes(f"{worker.run_path}/{DONE_FILE}", json.dumps(record, indent=1, allow_nan=True).encode())
+    run_folder.write_done(worker.storage, worker.run_path, worker.job.train.epochs, worker.progress.step, metrics)
 
 
 def rng_state() -> dict[str, Any]:

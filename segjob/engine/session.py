@@ -1,6 +1,6 @@
 """The little the engine needs from whoever runs it: who am I, where do I compute, report.
 
-The engine never imports Ray. `segjob.ray_worker.RaySession` implements this on Ray Train;
+The engine never imports Ray. `segjob.cluster.worker.RaySession` implements this on Ray Train;
 `LocalSession` runs the same loop in one plain process (tests, debugging, benchmarks).
 """
 

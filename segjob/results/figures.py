@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -60,7 +61,8 @@ def colorize(mask: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> np.nd
     return palette_array(palette)[np.clip(mask, 0, 255).astype(np.uint8)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[tuple[int, int, int]], alpha: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, palette: Sequence[tuple[int, int, int]],
+            alpha: float = 0.5) -> np.ndarray:
     """The image with each class tinted in its colour; black classes and ignored pixels stay untinted."""
     colours = colorize(mask, palette).astype(np.float32)
     tinted = (colours.sum(axis=-1) > 0) & (mask != IGNORE_INDEX)
@@ -132,15 +134,22 @@ def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: 
     return figure
 
 
+def class_ticks(axis: Axes, class_names: Sequence[str], slanted: bool) -> None:
+    """Class names under the x axis; slanted when there are too many to fit side by side."""
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45 if slanted else 0,
+                    ha="right" if slanted else "center")
+
+
 def iou_bar_chart(class_names: Sequence[str], iou: Sequence[float], title: str = "IoU per class") -> Figure:
     values = np.nan_to_num(np.asarray(iou, dtype=float), nan=0.0)
     figure = new_figure(max(4.0, 0.55 * len(class_names) + 1.5), 3.6)
     axis = figure.subplots()
     bars = axis.bar(range(len(class_names)), values, color="#4c72b0")
     for bar, value in zip(bars, iou):
-        axis.annotate("n/a" if math.isnan(value) else f"{value:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                      ha="center", va="bottom", fontsize="x-small")
-    axis.set_xticks(range(len(class_names)), class_names, rotation=45 if len(class_names) > 6 else 0, ha="right" if len(class_names) > 6 else "center")
+        top_centre = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+        axis.annotate("n/a" if math.isnan(value) else f"{value:.2f}", top_centre, ha="center", va="bottom",
+                      fontsize="x-small")
+    class_ticks(axis, class_names, slanted=len(class_names) > 6)
     axis.set_ylim(0, 1.08)
     axis.set_ylabel("IoU")
     axis.set_title(title)
@@ -159,7 +168,7 @@ def confusion_heatmap(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
     shown = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     figure.colorbar(shown, ax=axis, label="share of the true class's pixels")
     ticks = range(len(class_names))
-    axis.set_xticks(ticks, class_names, rotation=45 if len(class_names) > 4 else 0, ha="right" if len(class_names) > 4 else "center")
+    class_ticks(axis, class_names, slanted=len(class_names) > 4)
     axis.set_yticks(ticks, class_names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("ground truth")
@@ -200,7 +209,8 @@ def line_plot(curves: Sequence[Curve], title: str, ylabel: str, xlabel: str = "e
     figure = new_figure(6.0, 3.6)
     axis = figure.subplots()
     for curve in curves:
-        axis.plot(curve.x, curve.y, curve.style, marker=curve.marker, markersize=3, alpha=curve.alpha, label=curve.label)
+        axis.plot(curve.x, curve.y, curve.style, marker=curve.marker, markersize=3, alpha=curve.alpha,
+                  label=curve.label)
     if not curves:
         axis.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=axis.transAxes)
     if log_y:

@@ -57,8 +57,10 @@ def trial_rows(outcomes: list[TrialOutcome], ranking: Ranking | None, sweep: Swe
     rows = []
     for outcome in outcomes:
         candidate = best.get(outcome.trial)
-        rows.append(TrialRow(outcome, candidate.value if candidate else None, candidate.info.epoch if candidate else None,
-                             storage.display(candidate.info.path) if candidate else None))
+        if candidate is None:
+            rows.append(TrialRow(outcome, None, None, None))
+        else:
+            rows.append(TrialRow(outcome, candidate.value, candidate.info.epoch, storage.display(candidate.info.path)))
     sign = -1.0 if sweep.mode == "max" else 1.0
     rows.sort(key=lambda row: (row.best_value is None, sign * (row.best_value or 0.0), row.outcome.trial))
     return rows

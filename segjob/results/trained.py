@@ -9,7 +9,7 @@ A location is a checkpoint folder (it holds meta.json: a run's `checkpoints/step
 `segjob.pull` wrote) or a run folder, whose best committed checkpoint by the run's own
 metric is taken (`pick="latest"`: the newest). Local paths, file://, s3:// and gs:// all work.
 
-Checkpoints are untrusted input. Everything goes through segjob.checkpoint: every file is
+Checkpoints are untrusted input. Everything goes through segjob.store.checkpoint: every file is
 checked against the sha256 in meta.json before use, weights come from safetensors, the
 training state only through torch.load(weights_only=True), and the job inside is validated
 like a job file. The model is rebuilt without its pretrained-encoder file (the checkpoint's
@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +95,6 @@ def locate(uri: str, endpoint_url: str | None = None) -> tuple[Storage, str]:
     return storage, storage.root
 
 
-
-
 def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
     """The checkpoint folder at `path`: itself, or a run's best (by its job metric) or newest committed one."""
     if pick not in PICKS:
@@ -113,22 +110,11 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
         return newest.path
     job = newest.meta.get("job")
     metric = job.get("metric") if isinstance(job, dict) else None
-    name = metric.get("name") if isinstance(metric, dict) and isinstance(metric.get("name"), str) else "val/miou"
-    mode = metric.get("mode") if isinstance(metric, dict) and metric.get("mode") in ("min", "max") else metric_direction(name)
+    metric = metric if isinstance(metric, dict) else {}  # meta.json is untrusted: any part may be missing
+    name = metric.get("name") if isinstance(metric.get("name"), str) else "val/miou"
+    mode = metric.get("mode") if metric.get("mode") in ("min", "max") else metric_direction(name)
     best = checkpoint.select_best(committed, name, mode)
     return (best[0] if best else newest).path
-
-
-def load_checkpoint(storage: Storage, path: str) -> checkpoint.LoadedCheckpoint:
-    """Load a committed checkpoint folder, verified; remote ones through a temporary copy."""
-    if storage.is_local:
-        return checkpoint.load_folder(Path(path))
-    with tempfile.TemporaryDirectory(prefix="segjob-ckpt-") as tmp:
-        local = checkpoint.fetch(storage, path, Path(tmp) / "checkpoint")
-        try:
-            return checkpoint.load_folder(local)
-        except UserError as error:  # name the checkpoint where the user can find it, not our copy
-            raise UserError(str(error).replace(str(local), storage.display(path))) from None
 
 
 # --- rebuilding the model ---------------------------------------------------------------
@@ -146,7 +132,7 @@ def job_from_meta(meta: dict[str, Any], where: str, data_root: str | None = None
         raise UserError(f"{error}; the checkpoint may come from another segjob version") from None
     changes = dict(data_overrides or {})
     if data_root is not None:
-        path_keys = job.data.path_keys() if hasattr(job.data, "path_keys") else ()
+        path_keys = job.data.path_keys()
         if not path_keys:
             raise UserError(f"--data: the job's dataset ({job.data.name}) reads no files; leave --data out")
         # data.root, or data.path for a dataset in one file (nyuv2); files it names "beside" follow it
@@ -155,7 +141,8 @@ def job_from_meta(meta: dict[str, Any], where: str, data_root: str | None = None
         return job
     raw = job.model_dump(mode="json")
     raw["data"].update(changes)
-    shown = " ".join([f"--data {data_root}"] * (data_root is not None) + [f"--set data.{k}" for k in data_overrides or {}])
+    asked = [f"--data {data_root}"] * (data_root is not None) + [f"--set data.{k}" for k in data_overrides or {}]
+    shown = " ".join(asked)
     return validate_job(raw, source=shown)
 
 
@@ -195,7 +182,8 @@ def in_channels_from_weights(job: JobConfig, state: dict[str, torch.Tensor], num
         model = create_model(model_config_for_inference(job), channels, output_channels(job.loss, num_classes))
         if {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()} == expected:
             return channels
-    raise UserError("the checkpoint's weights fit no model of its job with 1 to 4 input channels; point --data at its dataset")
+    raise UserError("the checkpoint's weights fit no model of its job with 1 to 4 input channels; "
+                    "point --data at its dataset")
 
 
 def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | None = None,
@@ -205,7 +193,7 @@ def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | 
     storage, path = locate(uri, endpoint_url)
     folder = choose_checkpoint(storage, path, pick)
     where = storage.display(folder)
-    loaded = load_checkpoint(storage, folder)
+    loaded = checkpoint.load(storage, folder)
     job = job_from_meta(loaded.meta, where, data_root, data_overrides)
     try:
         datasets = build_datasets(job.data, job.seed)
@@ -257,7 +245,7 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     A damaged newest checkpoint is skipped for the one before, with a warning."""
     storage, path = locate(uri, endpoint_url)
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
-        return load_checkpoint(storage, path).history, storage.display(path)
+        return checkpoint.load(storage, path).history, storage.display(path)
     committed = checkpoint.list_committed(storage, path)
     if not committed:
         raise UserError(f"{storage.display(path)}: no committed checkpoints (expected a run folder, e.g. "
@@ -292,6 +280,17 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
                         help="change a data key, e.g. --set data.split=official (repeatable)")
     parser.add_argument("--endpoint-url", default=None, help="S3/GCS endpoint (MinIO, emulators)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
+def trained_from_arguments(args: argparse.Namespace, need_data: bool = False) -> Trained:
+    """The checkpoint that add_checkpoint_arguments' arguments name, loaded; --threshold (each command
+    has its own) checked against the model."""
+    trained = load_trained(args.checkpoint, endpoint_url=args.endpoint_url, data_root=args.data,
+                           data_overrides=data_overrides(args.overrides), pick=args.pick, need_data=need_data,
+                           device=args.device)
+    if args.threshold is not None and not trained.is_binary:
+        raise UserError("--threshold: only for one-channel (bce, bce+dice) models; this one takes the argmax")
+    return trained
 
 
 def data_overrides(overrides: list[str]) -> dict[str, Any]:

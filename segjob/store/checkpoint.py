@@ -101,7 +101,8 @@ def build_meta(
         "metrics": metrics,
         "reason": reason,
         "time": time.time(),
-        "files": {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in PAYLOAD_FILES},
+        "files": {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
+                  for name in PAYLOAD_FILES},
         "job": job,
     }
 
@@ -217,7 +218,8 @@ def load_folder(folder: Path, expected_run: str | None = None) -> LoadedCheckpoi
         if not path.is_file():
             raise UserError(f"{path}: missing from the checkpoint (listed in {META_FILE})")
         if _sha256(path) != entry["sha256"]:
-            raise UserError(f"{path}: sha256 does not match {META_FILE}; the checkpoint is damaged or was tampered with")
+            raise UserError(f"{path}: sha256 does not match {META_FILE}; "
+                            f"the checkpoint is damaged or was tampered with")
     try:
         model_state = load_file(folder / MODEL_FILE)
     except Exception as error:  # safetensors raises its own error types
@@ -225,19 +227,24 @@ def load_folder(folder: Path, expected_run: str | None = None) -> LoadedCheckpoi
     try:
         train_state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling error means a payload beyond plain tensors and containers
-        raise UserError(f"{folder / STATE_FILE}: refused by the safe loader ({type(error).__name__}); not a segjob state file") from None
+        raise UserError(f"{folder / STATE_FILE}: refused by the safe loader ({type(error).__name__}); "
+                        f"not a segjob state file") from None
     history = [json.loads(line) for line in (folder / HISTORY_FILE).read_text().splitlines() if line.strip()]
     return LoadedCheckpoint(model_state, train_state, history, meta)
 
 
-def load(storage: Storage, info: CheckpointInfo, expected_run: str | None = None) -> LoadedCheckpoint:
-    """Fetch a checkpoint from storage into a temporary folder, verify and load it."""
+def load(storage: Storage, checkpoint: CheckpointInfo | str, expected_run: str | None = None) -> LoadedCheckpoint:
+    """Verify and load a committed checkpoint folder on storage (its info, or its path): a local one
+    where it is, a remote one through a temporary copy."""
+    path = checkpoint.path if isinstance(checkpoint, CheckpointInfo) else checkpoint
+    if storage.is_local:
+        return load_folder(Path(path), expected_run)
     with tempfile.TemporaryDirectory(prefix="segjob-ckpt-") as tmp:
-        folder = fetch(storage, info.path, Path(tmp) / info.name)
+        folder = fetch(storage, path, Path(tmp) / "checkpoint")
         try:
             return load_folder(folder, expected_run)
-        except UserError as error:  # name the checkpoint where the user can find it, not our temp copy
-            raise UserError(str(error).replace(str(folder), info.path)) from None
+        except UserError as error:  # name the checkpoint where the user can find it, not our temporary copy
+            raise UserError(str(error).replace(str(folder), storage.display(path))) from None
 
 
 def _parse_meta(raw: bytes, where: str) -> dict[str, Any]:
@@ -246,7 +253,8 @@ def _parse_meta(raw: bytes, where: str) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{where}: not valid JSON") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise UserError(f"{where}: not a segjob checkpoint (format {meta.get('format') if isinstance(meta, dict) else '?'})")
+        found = meta.get("format") if isinstance(meta, dict) else "?"
+        raise UserError(f"{where}: not a segjob checkpoint (format {found})")
     files = meta.get("files")
     if not isinstance(files, dict) or set(files) != set(PAYLOAD_FILES):
         raise UserError(f"{where}: 'files' must list exactly {', '.join(PAYLOAD_FILES)}")

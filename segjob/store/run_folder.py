@@ -1,4 +1,4 @@
-"""A run folder's identity and ownership, as the driver sees it.
+"""A run folder's own files: which job it runs, which driver drives it, whether it has finished.
 
     <storage>/<name>/job.json     the job the run was started with (resubmissions must match it)
     <storage>/<name>/lease.json   which driver drives the run now (owner, host, pid, heartbeat)
@@ -69,7 +69,7 @@ def file_path_keys(job: JobConfig) -> tuple[str, ...]:
     keys = []
     for section in ("data", "model"):
         config = getattr(job, section)
-        keys += [f"{section}.{key}" for key in (config.path_keys() if hasattr(config, "path_keys") else ())]
+        keys += [f"{section}.{key}" for key in config.path_keys()]
     return tuple(keys)
 
 
@@ -93,7 +93,8 @@ def check_same_job(storage: Storage, run_path: str, job: JobConfig, job_file: st
     recorded = with_defaults(recorded)
     differing = changed_keys(recorded, current, file_path_keys(job))
     if differing:
-        shown = ", ".join(f"{key} ({flatten(recorded).get(key)!r} -> {flatten(current).get(key)!r})" for key in differing[:4])
+        before, after = flatten(recorded), flatten(current)
+        shown = ", ".join(f"{key} ({before.get(key)!r} -> {after.get(key)!r})" for key in differing[:4])
         more = f" and {len(differing) - 4} more" if len(differing) > 4 else ""
         raise UserError(
             f"{job_file}: run '{job.name}' already exists in {storage.uri} with a different job: {shown}{more}; "
@@ -109,6 +110,12 @@ def fresh_run_name(storage: Storage, name: str) -> str:
         if not storage.list_dirs(storage.path(candidate)) and not storage.exists(storage.path(candidate, JOB_FILE)):
             return candidate
     raise UserError(f"{storage.uri}: no free run name beside '{name}'")
+
+
+def write_done(storage: Storage, run_path: str, epochs: int, step: int, metrics: dict[str, Any]) -> None:
+    """Mark the run finished (rank 0, after its final checkpoint is committed): a resubmission then stops at once."""
+    record = {"epochs": epochs, "step": step, "metrics": metrics, "time": time.time()}
+    storage.write_bytes(f"{run_path}/{DONE_FILE}", json.dumps(record, indent=1, allow_nan=True).encode())
 
 
 def read_done(storage: Storage, run_path: str) -> dict | None:
@@ -136,11 +143,13 @@ class Lease:
                 f"(heartbeat {age:.0f} s ago); stop that driver, or wait {LEASE_STALE_S:.0f} s after it died"
             )
         if holder:
-            log.info("taking over the run from a driver that is gone (%s pid %s)", holder.get("host"), holder.get("pid"))
+            log.info("taking over the run from a driver that is gone (%s pid %s)",
+                     holder.get("host"), holder.get("pid"))
         self._write()
         time.sleep(0.2)  # two drivers starting together: the last writer wins, the other sees it below
         if (self._read() or {}).get("owner") != self.record["owner"]:
-            raise UserError(f"{self.storage.uri}: another driver took this run at the same moment; it runs, this one stops")
+            raise UserError(f"{self.storage.uri}: another driver took this run at the same moment; "
+                            f"it runs, this one stops")
         self._thread = threading.Thread(target=self._heartbeat, name="segjob-lease", daemon=True)
         self._thread.start()
 

@@ -27,8 +27,9 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import fsspec
@@ -207,10 +208,7 @@ class Storage:
         tests/test_storage_faults.py) create-only for writers that don't race; on real S3
         and GCS the conditional request is what makes it atomic."""
         if self.is_local:
-            if create_only:
-                _exclusive_local_write(path, data)
-            else:
-                _atomic_local_write(path, lambda tmp: Path(tmp).write_bytes(data))
+            _local_write(path, lambda tmp: Path(tmp).write_bytes(data), create_only)
         elif create_only:
             retry(self._create_object, path, data, what=f"create {path}")
         else:
@@ -240,7 +238,7 @@ class Storage:
 
     def put_file(self, local_path: str | os.PathLike, path: str) -> None:
         if self.is_local:
-            _atomic_local_write(path, lambda tmp: shutil.copyfile(local_path, tmp))
+            _local_write(path, lambda tmp: shutil.copyfile(local_path, tmp))
         else:
             retry(self.fs.put_file, os.fspath(local_path), path, what=f"upload {path}")
 
@@ -453,34 +451,24 @@ def _check_relative_key(key: str, folder: str) -> None:
         raise UserError(f"{folder}: refusing unsafe key '{key}' (absolute, '..', '.' or empty parts)")
 
 
-def _atomic_local_write(path: str, write: Callable[[str], Any]) -> None:
-    """Write a local file through a temporary sibling, so readers see old or new, never half."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _exclusive_local_write(path: str, data: bytes) -> None:
-    """Create path holding data, or raise FileExistsError when it exists with other bytes.
-    The bytes go to a fsynced temporary sibling that is then hard-linked to the final name
-    (link never replaces), so no reader ever sees a partial file under that name."""
+def _local_write(path: str, fill: Callable[[str], Any], create_only: bool = False) -> None:
+    """Write a local file through a temporary sibling that `fill` writes, so no reader ever sees
+    half a file under `path`. The sibling then replaces `path`; with create_only it is fsynced and
+    hard-linked to it instead (a link never replaces), and FileExistsError says that `path`
+    already holds other bytes."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        fill(tmp)
+        if not create_only:
+            os.replace(tmp, path)
+            return
+        _fsync_file(tmp)
         try:
             os.link(tmp, path)
         except FileExistsError:
-            if _local_holds(path, data):
+            if _local_holds(path, Path(tmp).read_bytes()):
                 return
             raise FileExistsError(errno.EEXIST, "already exists (create-only write)", path) from None
         except OSError as error:
@@ -488,11 +476,16 @@ def _exclusive_local_write(path: str, data: bytes) -> None:
                 raise
             # No hard links here (some network or FUSE filesystems): O_EXCL still decides
             # who creates the name, but a reader may see it before its bytes are complete.
-            _exclusive_create(path, data)
+            _exclusive_create(path, Path(tmp).read_bytes())
         _fsync_dir(folder)
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def _fsync_file(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _exclusive_create(path: str, data: bytes) -> None:

@@ -1,0 +1,82 @@
+"""A trained checkpoint scored on a split of its dataset, image by image. No Ray.
+
+    result = evaluate(load_trained("./best"), split="val")
+    result.summary()      # {"val/miou": ..., "val/loss": ..., "val/assd": ...}: training's names
+    result.scores         # per-image confusion matrices (and ASSD), keyed by sample index
+
+Every sample of the split (or the first `limit`) is scored exactly once, with the engine's
+own evaluation core, so the figures are the ones training reported for the same weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from segjob.engine.evaluation import Scorer, summary
+from segjob.errors import UserError
+from segjob.learning.losses import build_loss
+from segjob.learning.metrics import ConfusionMatrix, ImageScores
+from segjob.results.trained import Trained
+
+
+@dataclass
+class Evaluation:
+    trained: Trained
+    split: str
+    dataset: Any
+    scores: ImageScores
+    loss: float
+    threshold: float
+
+    @property
+    def confusion(self) -> ConfusionMatrix:
+        return self.scores.total_confusion()
+
+    def summary(self) -> dict[str, float]:
+        """Flat names as in training (val/miou, ...), for this split, plus loss and ASSD means."""
+        assd = self.scores.assd if self.scores.with_assd else None
+        return summary(self.confusion, self.trained.class_names, self.split, self.loss, assd)
+
+
+class _Indexed(Dataset):
+    """(index, image, target) for the first `count` samples, so scores are keyed by sample."""
+
+    def __init__(self, dataset: Any, count: int):
+        self.dataset, self.count = dataset, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        return index, image, target
+
+
+@torch.inference_mode()
+def evaluate(trained: Trained, split: str = "val", batch_size: int = 8, workers: int = 0, limit: int | None = None,
+             with_assd: bool = True, threshold: float | None = None, progress: bool = True) -> Evaluation:
+    """Score every sample of the split (or the first `limit`) once; the loss is the job's own."""
+    train_set, val_set = trained.require_data()
+    dataset = val_set if split == "val" else train_set
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    if count == 0:
+        raise UserError(f"data: the {split} split is empty")
+    threshold = trained.threshold if threshold is None else threshold
+    loss_fn = build_loss(trained.job.loss, trained.num_classes, train_set).to(trained.device)
+    scorer = Scorer(trained.model.eval(), loss_fn, threshold, trained.device)
+    scores = ImageScores(trained.num_classes, with_assd=with_assd)
+    loader = DataLoader(_Indexed(dataset, count), batch_size=batch_size, num_workers=workers, shuffle=False,
+                        multiprocessing_context="forkserver" if workers else None)
+    for indices, images, targets in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not progress,
+                                         file=sys.stderr, dynamic_ncols=True):
+        labels, predicted = scorer.score(images, targets)
+        scores.update(indices.tolist(), labels.cpu(), predicted.cpu())
+    scores.gather()
+    scores.check_complete(count)
+    return Evaluation(trained, split, dataset, scores, scorer.loss, threshold)
