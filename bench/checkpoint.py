@@ -8,7 +8,7 @@
 2. Step time while an upload runs vs with no upload (goal <= 1.05x).
 3. Preemption latency: notice -> committed checkpoint, i.e. write + upload + commit while
    waiting (goal <= 10 s, inside GCP's 30 s window).
-No Ray: this is the engine's own path (segjob.commits), one process; the S3 server runs
+No Ray: this is the engine's own path (segjob.engine.committer), one process; the S3 server runs
 in a process of its own, as a remote bucket would.
 """
 
@@ -28,13 +28,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from servers import create_s3_bucket, start_moto_process, stop_process  # noqa: E402  (the tests' S3 server)
 
-from segjob.store import checkpoint  # noqa: E402
-from segjob.engine.committer import Committer  # noqa: E402
-from segjob.job.schema import JobConfig  # noqa: E402
 from segjob.data.labels import IGNORE_INDEX  # noqa: E402
+from segjob.engine.committer import Committer  # noqa: E402
 from segjob.engine.loop import cpu_copy  # noqa: E402
-from segjob.models import create_model  # noqa: E402
 from segjob.engine.session import LocalSession  # noqa: E402
+from segjob.job.schema import JobConfig  # noqa: E402
+from segjob.models import create_model  # noqa: E402
+from segjob.store import checkpoint  # noqa: E402
 from segjob.store.storage import open_storage  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.write_local(Path(tmp), *snapshot())
             size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-            meta = checkpoint.build_meta(Path(tmp), job={"name": "bench"}, step=1000 + repeat, epoch=0, metrics={}, reason="sync")
+            meta = checkpoint.build_meta(Path(tmp), job={"name": "bench"}, step=1000 + repeat, epoch=0, metrics={},
+                                         reason="sync")
             checkpoint.commit(storage, storage.path("bench"), Path(tmp), meta)
         synchronous.append(time.perf_counter() - started)
 
@@ -90,7 +91,8 @@ def main() -> None:
         preemption.append(time.perf_counter() - started)
 
     # step time with and without an upload in flight (a small model trains; the big checkpoint uploads)
-    small = create_model(JobConfig.model_validate({"name": "s", "model": {"name": "unet", "base_channels": 16, "depth": 3}}).model, 3, 4)
+    small_job = JobConfig.model_validate({"name": "s", "model": {"name": "unet", "base_channels": 16, "depth": 3}})
+    small = create_model(small_job.model, 3, 4)
     small_optimizer = torch.optim.Adam(small.parameters())
     images, masks = torch.randn(16, 3, 64, 64), torch.randint(0, 4, (16, 64, 64))
 
@@ -116,11 +118,14 @@ def main() -> None:
     stop_process(server)
 
     median = statistics.median
-    print(f"model: U-Net base {args.base_channels}, {parameters / 1e6:.1f} M parameters; checkpoint {size / 2**20:.0f} MiB")
-    print(f"synchronous save+upload: median {median(synchronous):.2f} s  {['%.2f' % t for t in synchronous]}")
-    print(f"blocked per checkpoint (in-memory copy + hand-off): median {median(blocked):.2f} s  {['%.2f' % t for t in blocked]}")
+    print(f"model: U-Net base {args.base_channels}, {parameters / 1e6:.1f} M parameters; "
+          f"checkpoint {size / 2**20:.0f} MiB")
+    print(f"synchronous save+upload: median {median(synchronous):.2f} s  {[f'{t:.2f}' for t in synchronous]}")
+    print(f"blocked per checkpoint (in-memory copy + hand-off): median {median(blocked):.2f} s  "
+          f"{[f'{t:.2f}' for t in blocked]}")
     print(f"  ratio blocked / synchronous = {median(blocked) / median(synchronous):.3f}  (goal <= 0.10)")
-    print(f"preemption notice -> committed: median {median(preemption):.2f} s, max {max(preemption):.2f} s  (goal <= 10 s)")
+    print(f"preemption notice -> committed: median {median(preemption):.2f} s, max {max(preemption):.2f} s  "
+          "(goal <= 10 s)")
     print(f"step time: quiet median {1000 * median(quiet):.1f} ms, during upload {1000 * median(busy):.1f} ms")
     print(f"  ratio during upload / quiet = {median(busy) / median(quiet):.3f}  (goal <= 1.05)")
 

@@ -193,7 +193,8 @@ def cpu_split(watched: Watched, start: float, end: float, steps: int, is_rank) -
     others = {pid: s for pid, s in used.items() if pid not in ranks}
     by_label: dict[str, float] = {}
     for pid, seconds in others.items():
-        by_label[short_label(watched.labels.get(pid, "?"))] = by_label.get(short_label(watched.labels.get(pid, "?")), 0.0) + seconds
+        label = short_label(watched.labels.get(pid, "?"))
+        by_label[label] = by_label.get(label, 0.0) + seconds
     busy = _value_at(watched.machine, end) - _value_at(watched.machine, start)
     return {
         "window_s": end - start,
@@ -308,7 +309,8 @@ def run_reference(job_file: str, epochs: int, logs: Path, tag: str, with_agree: 
     cpu = cpu_split(watched, timed[0]["t_loop_started"], timed[-1]["t_loop_ended"], sum(e["steps"] for e in timed),
                     is_rank=lambda label: "ddp_reference_loop.py" in label and "torch.distributed.run" not in label)
     return {
-        "side": "torchrun+agree" if with_agree else "torchrun", "command": " ".join(command), "t_popen": started, "wall_s": ended - started,
+        "side": "torchrun+agree" if with_agree else "torchrun", "command": " ".join(command), "t_popen": started,
+        "wall_s": ended - started,
         "load_avg_1min_before": load_before,
         "epochs": figures, "timed_epochs": [e["epoch"] for e in timed],
         "images_per_s": statistics.median(e["images_per_s"] for e in timed),
@@ -368,15 +370,19 @@ def report(rounds: list[dict[str, Any]], epochs: int, global_batch: int) -> dict
     seg = statistics.median(r["segjob"]["images_per_s"] for r in rounds)
     ref = statistics.median(r["torchrun"]["images_per_s"] for r in rounds)
     timed = "epochs 2.." + str(epochs) if epochs > 1 else "epoch 1 (no warm-up excluded)"
-    print(f"\nimg/s: median over {timed} of one run; start->loop: Popen to the start of epoch 1's training loop; wall: Popen to exit")
-    print("| round | segjob img/s | torchrun img/s | segjob start→loop | torchrun start→loop | segjob wall | torchrun wall |")
+    print(f"\nimg/s: median over {timed} of one run; start->loop: Popen to the start of epoch 1's training loop; "
+          "wall: Popen to exit")
+    print("| round | segjob img/s | torchrun img/s | segjob start→loop | torchrun start→loop | segjob wall "
+          "| torchrun wall |")
     print("|---|---|---|---|---|---|---|")
     for number, r in enumerate(rounds, start=1):
         s, t = r["segjob"], r["torchrun"]
         print(f"| {number} | {s['images_per_s']:.1f} ({per_epoch(s)}) | {t['images_per_s']:.1f} ({per_epoch(t)}) "
-              f"| {s['start_to_loop_s']:.1f} s | {t['start_to_loop_s']:.1f} s | {s['wall_s']:.1f} s | {t['wall_s']:.1f} s |")
+              f"| {s['start_to_loop_s']:.1f} s | {t['start_to_loop_s']:.1f} s "
+              f"| {s['wall_s']:.1f} s | {t['wall_s']:.1f} s |")
     median = lambda side, key: statistics.median(r[side][key] for r in rounds)  # noqa: E731
-    print(f"| median | {seg:.1f} ({1000 * global_batch / seg:.0f} ms/step) | {ref:.1f} ({1000 * global_batch / ref:.0f} ms/step) "
+    print(f"| median | {seg:.1f} ({1000 * global_batch / seg:.0f} ms/step) "
+          f"| {ref:.1f} ({1000 * global_batch / ref:.0f} ms/step) "
           f"| {median('segjob', 'start_to_loop_s'):.1f} s | {median('torchrun', 'start_to_loop_s'):.1f} s "
           f"| {median('segjob', 'wall_s'):.1f} s | {median('torchrun', 'wall_s'):.1f} s |")
     ratio = ref / seg
@@ -393,7 +399,8 @@ def report(rounds: list[dict[str, Any]], epochs: int, global_batch: int) -> dict
             cpu = r[side]["cpu_in_timed_epochs"]
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(cpu["others_by_process"].items())[:4])
             print(f"  round {number} {side:14s}: {cpu['window_s']:.1f} s x {os.cpu_count()} cores, "
-                  f"ranks {cpu['ranks_cpu_s']:.1f} CPU-s ({cpu['ranks_cpu_ms_per_step']:.0f} ms/step), others {cpu['others_cpu_s']:.1f} CPU-s ({top}), "
+                  f"ranks {cpu['ranks_cpu_s']:.1f} CPU-s ({cpu['ranks_cpu_ms_per_step']:.0f} ms/step), "
+                  f"others {cpu['others_cpu_s']:.1f} CPU-s ({top}), "
                   f"outside this command {cpu['outside_cpu_s']:.1f} CPU-s")
     for number, r in enumerate(rounds, start=1):
         s = r["segjob"]["markers_s"]
@@ -416,7 +423,8 @@ def report(rounds: list[dict[str, Any]], epochs: int, global_batch: int) -> dict
               f"CPU per step {cpu_step['torchrun+agree']:.0f} ms")
         summary = {"torchrun_agree_images_per_s": agreed, "ratio_torchrun_over_torchrun_agree": ref / agreed}
     return {**summary, "segjob_images_per_s": seg, "torchrun_images_per_s": ref, "ratio_torchrun_over_segjob": ratio,
-            "ranks_cpu_ms_per_step": cpu_step, "cpu_per_step_segjob_over_torchrun": cpu_step["segjob"] / cpu_step["torchrun"]}
+            "ranks_cpu_ms_per_step": cpu_step,
+            "cpu_per_step_segjob_over_torchrun": cpu_step["segjob"] / cpu_step["torchrun"]}
 
 
 def main() -> None:

@@ -39,11 +39,11 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
-from segjob.job.load import load_job, resolve_local_paths  # noqa: E402
 from segjob.data import build_datasets  # noqa: E402
+from segjob.job.load import load_job, resolve_local_paths  # noqa: E402
 from segjob.learning.losses import build_loss, output_channels  # noqa: E402
-from segjob.models import create_model  # noqa: E402
 from segjob.learning.optim import build_optimizer  # noqa: E402
+from segjob.models import create_model  # noqa: E402
 
 IMPORTS_DONE = time.time()
 
@@ -64,7 +64,8 @@ def lr_scheduler(job, optimizer: torch.optim.Optimizer, total_steps: int):
     if schedule.name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=schedule.min_lr)
     if schedule.name == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** schedule.power)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: (1 - min(step, total_steps) / total_steps) ** schedule.power)
     return None  # constant, or a schedule that moves per epoch / evaluation: no per-step work
 
 
@@ -83,7 +84,8 @@ def main() -> None:
 
     job = resolve_local_paths(load_job(args.job, args.overrides))
     if world_size != job.scaling.num_workers:
-        print(f"[rank {rank}] note: {world_size} processes, the job asks for scaling.num_workers={job.scaling.num_workers}")
+        print(f"[rank {rank}] note: {world_size} processes, "
+              f"the job asks for scaling.num_workers={job.scaling.num_workers}")
     threads = job.scaling.torch_threads or max(1, int(job.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     random.seed(job.seed)

@@ -32,16 +32,20 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_segmentation import ReferenceDataset, SegmentationPresetTrain  # noqa: E402
 
-from segjob.job.schema import AugmentConfig, CamVidData, LeafData, PetsData  # noqa: E402
 from segjob.data import build_datasets  # noqa: E402
+from segjob.job.schema import AugmentConfig, CamVidData, LeafData, PetsData  # noqa: E402
 
 SAME_AUGMENTATION = AugmentConfig(strength=1.0, scale=(0.5, 2.0), rotation=0, brightness=0, contrast=0,
                                   saturation=0, hue=0, blur=0, sharpness=0)
 # name -> (shared folder, config factory, crop size, the photos' shorter / longer side)
 DATASETS = {
-    "camvid": ("camvid", lambda root, size: CamVidData(root=root, image_size=size, augment=SAME_AUGMENTATION), 480, 360 / 480),
-    "pets": ("oxford-iiit-pet", lambda root, size: PetsData(root=root, image_size=size, resize="fit", augment=SAME_AUGMENTATION), 320, 375 / 500),
-    "leaf": ("soybean-rust-asrdnet", lambda root, size: LeafData(root=root, image_size=size, augment=SAME_AUGMENTATION), 256, 960 / 1280),
+    "camvid": ("camvid", lambda root, size: CamVidData(root=root, image_size=size, augment=SAME_AUGMENTATION),
+               480, 360 / 480),
+    "pets": ("oxford-iiit-pet",
+             lambda root, size: PetsData(root=root, image_size=size, resize="fit", augment=SAME_AUGMENTATION),
+             320, 375 / 500),
+    "leaf": ("soybean-rust-asrdnet",
+             lambda root, size: LeafData(root=root, image_size=size, augment=SAME_AUGMENTATION), 256, 960 / 1280),
 }
 
 
@@ -98,12 +102,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one process and thread (a DataLoader worker's work), batch {args.batch_size}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, one process and thread (a DataLoader worker's work), "
+          f"batch {args.batch_size}")
     results = {name: run(name, args) for name in args.datasets}
-    print("\n| dataset | crop | segjob samples/s per worker | reference samples/s per worker | segjob / reference | wall-clock ratio |")
+    print("\n| dataset | crop | segjob samples/s per worker | reference samples/s per worker | segjob / reference "
+          "| wall-clock ratio |")
     print("|---|---|---|---|---|---|")
     for name, (ours, theirs, ours_wall, theirs_wall) in results.items():
-        print(f"| {name} | {DATASETS[name][2]} | {ours:.1f} | {theirs:.1f} | **{ours / theirs:.2f}** | {ours_wall / theirs_wall:.2f} |")
+        print(f"| {name} | {DATASETS[name][2]} | {ours:.1f} | {theirs:.1f} | **{ours / theirs:.2f}** "
+              f"| {ours_wall / theirs_wall:.2f} |")
 
 
 if __name__ == "__main__":

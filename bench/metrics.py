@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from segjob.job.schema import UNetConfig
 from segjob.data.synthetic import render_sample
-from segjob.learning.metrics import assd_per_class, ConfusionMatrix, ImageScores, per_image_confusion, predict_labels
+from segjob.job.schema import UNetConfig
+from segjob.learning.metrics import ConfusionMatrix, ImageScores, assd_per_class, per_image_confusion, predict_labels
 from segjob.models import create_model
 
 
@@ -41,7 +41,8 @@ def masks(count: int, size: int, num_classes: int, seed: int = 0) -> tuple[torch
         for label in np.unique(target)[1:]:
             inside = target == label
             step = int(rng.integers(1, 3))
-            moved = ndimage.binary_dilation(inside, iterations=step) if rng.random() < 0.5 else ndimage.binary_erosion(inside, iterations=step)
+            moved = (ndimage.binary_dilation(inside, iterations=step) if rng.random() < 0.5
+                     else ndimage.binary_erosion(inside, iterations=step))
             prediction[inside] = 0
             prediction[moved] = label
         for _ in range(3):  # spurious blobs
@@ -89,26 +90,31 @@ def main() -> None:
     print(f"{'classes':>7} | {'forward ms':>10} | {'labels ms':>9} | {'matrix ms':>9} | {'per-image ms':>12} | "
           f"{'ASSD ms':>7} | {'engine ms':>9} | {'evaluate ms':>11} | {'engine %':>8} | {'evaluate %':>10}")
     for classes in args.classes:
-        target, prediction = masks(n, size, classes)
-        logits = torch.randn(n, classes, size, size, generator=torch.Generator().manual_seed(1))
-        target_np, prediction_np = target.numpy(), prediction.numpy()
-        per_image = lambda timing: timed(timing, args.repeats) / n * 1000  # noqa: E731
+        print_row(classes, n, size, args.repeats, forward_ms)
 
-        labels_ms = per_image(lambda: predict_labels(logits))
-        matrix_ms = per_image(lambda: ConfusionMatrix(classes).update(target, prediction))
-        matrices_ms = per_image(lambda: per_image_confusion(target, prediction, classes))
-        assd_ms = per_image(lambda: [assd_per_class(t, p, classes) for t, p in zip(target_np, prediction_np)])
-        # what the engine's evaluation does per batch, and what python -m segjob.evaluate does
-        engine_ms = per_image(lambda: ConfusionMatrix(classes).update(target, predict_labels(logits)))
 
-        def evaluate_batch():
-            predict_labels(logits)
-            ImageScores(classes).update(list(range(n)), target, prediction)  # matrices and ASSD of a realistic prediction
+def print_row(classes: int, n: int, size: int, repeats: int, forward_ms: float) -> None:
+    """Times every metric for one class count and prints its row of the table."""
+    target, prediction = masks(n, size, classes)
+    logits = torch.randn(n, classes, size, size, generator=torch.Generator().manual_seed(1))
+    target_np, prediction_np = target.numpy(), prediction.numpy()
+    per_image = lambda timing: timed(timing, repeats) / n * 1000  # noqa: E731
 
-        evaluate_ms = per_image(evaluate_batch)
-        print(f"{classes:>7} | {forward_ms:>10.1f} | {labels_ms:>9.2f} | {matrix_ms:>9.2f} | {matrices_ms:>12.2f} | "
-              f"{assd_ms:>7.2f} | {engine_ms:>9.2f} | {evaluate_ms:>11.2f} | {100 * engine_ms / forward_ms:>7.2f}% | "
-              f"{100 * evaluate_ms / forward_ms:>9.2f}%")
+    labels_ms = per_image(lambda: predict_labels(logits))
+    matrix_ms = per_image(lambda: ConfusionMatrix(classes).update(target, prediction))
+    matrices_ms = per_image(lambda: per_image_confusion(target, prediction, classes))
+    assd_ms = per_image(lambda: [assd_per_class(t, p, classes) for t, p in zip(target_np, prediction_np)])
+    # what the engine's evaluation does per batch, and what python -m segjob.evaluate does
+    engine_ms = per_image(lambda: ConfusionMatrix(classes).update(target, predict_labels(logits)))
+
+    def evaluate_batch():
+        predict_labels(logits)
+        ImageScores(classes).update(list(range(n)), target, prediction)  # matrices and ASSD of a realistic prediction
+
+    evaluate_ms = per_image(evaluate_batch)
+    print(f"{classes:>7} | {forward_ms:>10.1f} | {labels_ms:>9.2f} | {matrix_ms:>9.2f} | {matrices_ms:>12.2f} | "
+          f"{assd_ms:>7.2f} | {engine_ms:>9.2f} | {evaluate_ms:>11.2f} | {100 * engine_ms / forward_ms:>7.2f}% | "
+          f"{100 * evaluate_ms / forward_ms:>9.2f}%")
 
 if __name__ == "__main__":
     main()

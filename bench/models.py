@@ -31,8 +31,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 NUM_CLASSES = 21  # VOC's; the class count barely moves these figures
 
@@ -146,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--modes", default=None, help="comma-separated: fp32, amp, channels_last, amp+channels_last "
                         "(default: fp32 on CPU, all four on CUDA)")
-    parser.add_argument("--only", default=None, help=f"comma-separated candidates (default all): {', '.join(c.name for c in CANDIDATES)}")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated candidates (default all): {', '.join(c.name for c in CANDIDATES)}")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after one warm-up step)")
-    parser.add_argument("--rounds", type=int, default=3, help="measurements per (model, mode), alternating with the peer")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements per (model, mode), alternating with the peer")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
     args = parser.parse_args(argv)
     modes = (args.modes or ("fp32" if args.device == "cpu" else "fp32,amp,channels_last,amp+channels_last")).split(",")
@@ -159,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()}, {args.threads} thread(s)"
+    where = (torch.cuda.get_device_name() if args.device == "cuda"
+             else f"{platform.processor() or platform.machine()}, {args.threads} thread(s)")
     print(f"# torch {torch.__version__}, {where}; batch {args.batch} x 3 x {args.size} x {args.size}, "
           f"{args.steps} timed steps x {args.rounds} rounds")
     clock = "CPU time" if args.device == "cpu" else "wall"

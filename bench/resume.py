@@ -47,8 +47,9 @@ def main() -> None:
                 newest = max(committed_steps(storage, "quickstart"))
                 killed_at = time.monotonic()
                 kill(train_worker_pids()[-1], signal.SIGKILL)
-                resumed = wait_for(lambda: [s for s in committed_steps(storage, "quickstart") if s > newest], 300,
-                                   "a step after the restart", interval=0.02)
+                resumed = wait_for(lambda newest=newest: [s for s in committed_steps(storage, "quickstart")
+                                                          if s > newest],
+                                   300, "a step after the restart", interval=0.02)
                 seconds = time.monotonic() - killed_at
                 history = checkpoint.load(storage, checkpoint.latest(storage, storage.path("quickstart"))).history
                 restarted_from = max(r["step"] for r in history if r.get("checkpoint") and r["step"] <= newest)

@@ -20,18 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from segjob.engine import loop
-from segjob.job.schema import JobConfig
-from segjob.data.labels import IGNORE_INDEX
 from segjob.data import build_datasets
-from segjob.models import create_model
+from segjob.data.labels import IGNORE_INDEX
+from segjob.engine import loop
 from segjob.engine.session import LocalSession
+from segjob.job.schema import JobConfig
+from segjob.models import create_model
 
 
 def job_for(steps: int, threads: int, storage: str) -> JobConfig:
     return JobConfig.model_validate({
         "name": "bench",
-        "data": {"name": "synthetic", "num_classes": 4, "train_samples": 16 * steps, "val_samples": 16, "image_size": 64},
+        "data": {"name": "synthetic", "num_classes": 4, "train_samples": 16 * steps, "val_samples": 16,
+                 "image_size": 64},
         "model": {"name": "unet", "base_channels": 16, "depth": 3},
         "optim": {"name": "adam", "lr": 0.003},
         "train": {"epochs": 1, "batch_size": 16, "log_every_steps": 1000},
@@ -74,7 +75,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     job = job_for(args.steps, args.threads, storage="unused")
-    hand_loop_images_per_s(job.model_copy(update={"data": job.data.model_copy(update={"train_samples": 64})}))  # warm-up
+    # warm-up
+    hand_loop_images_per_s(job.model_copy(update={"data": job.data.model_copy(update={"train_samples": 64})}))
 
     engine_runs, hand_runs = [], []
     for round_number in range(args.rounds):

@@ -31,9 +31,9 @@ import ray
 from ray.tune import Callback
 
 from segjob.cluster import driver
+from segjob.cluster.tuner import build_tuner, default_concurrency
 from segjob.errors import setup_logging
 from segjob.job.sweep import load_sweep
-from segjob.cluster.tuner import build_tuner, default_concurrency
 from segjob.tune import prepare
 
 SWEEP_FILE = Path(__file__).resolve().parents[1] / "jobs" / "tune_quickstart.yaml"
@@ -63,8 +63,8 @@ class Timeline(Callback):
 
 def run_sweep(scheduler: str, runs: str, trials: int, epochs: int, seed: int) -> dict:
     sweep = load_sweep(SWEEP_FILE, [f"name=bench_{scheduler}", f"storage.uri={runs}", f"tune.scheduler={scheduler}",
-                                    f"tune.num_samples={trials}", f"train.epochs={epochs}", "tune.points_to_evaluate=[]",
-                                    f"tune.seed={seed}",
+                                    f"tune.num_samples={trials}", f"train.epochs={epochs}",
+                                    "tune.points_to_evaluate=[]", f"tune.seed={seed}",
                                     "preemption.aws_metadata_url=null", "preemption.gcp_metadata_url=null"])
     storage = prepare(sweep)
     timeline = Timeline(sweep.metric)
@@ -109,7 +109,8 @@ def main() -> None:
         reached = next(moment for moment, best in sweep["best_so_far"] if best >= target)
         idle = " / ".join(f"{seconds:.0f}" for seconds in sweep["idle"].values())
         print(f"| {sweep['scheduler']} | {sweep['wall']:.0f} s | {sum(sweep['trial_seconds']):.0f} s "
-              f"({len(sweep['trial_seconds'])} trials) | {sweep['concurrency']} | {sweep['wall'] / ideal:.3f} | {idle} | "
+              f"({len(sweep['trial_seconds'])} trials) | {sweep['concurrency']} | {sweep['wall'] / ideal:.3f} "
+              f"| {idle} | "
               f"{sweep['epochs_trained']} | {sweep['best']:.4f} | {reached:.0f} s |")
     asha, none = sweeps
     asha_reached = next(m for m, b in asha["best_so_far"] if b >= target)

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segjob.check", description=__doc__.split("\n\n")[0])
     add_job_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="check only the first N samples of each split")
-    parser.add_argument("--workers", type=int, default=None, help="threads reading samples (default: CPUs + 4, at most 32)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="threads reading samples (default: CPUs + 4, at most 32)")
     return parser.parse_args(argv)
 
 

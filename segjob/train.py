@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restart", action="store_true",
                         help="start a fresh run beside an existing one (named <name>-rN); the old run is kept")
     parser.add_argument("--skip-bad", action="store_true",
-                        help="leave out the samples the data check finds bad (added to data.exclude) instead of refusing to start")
+                        help="leave out the samples the data check finds bad (added to data.exclude) "
+                             "instead of refusing to start")
     return parser.parse_args(argv)
 
 

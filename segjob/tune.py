@@ -5,7 +5,7 @@
     python -m segjob.tune jobs/tune_pets.yaml --dry-run      # validate and show the plan; no Ray
     ray job submit --working-dir . -- python -m segjob.tune jobs/tune_pets.yaml
 
-The sweep file is a job plus a `tune:` section (segjob.sweep). Each trial is a full
+The sweep file is a job plus a `tune:` section (segjob.job.sweep). Each trial is a full
 TorchTrainer run of the job with the trial's values, named by its trial id, in
 `<storage.uri>/<name>/trials/<trial id>/`: the same checkpoints, resume and preemption
 handling as `segjob.train`. Only evaluation results reach Tune, each with its `epoch`,
@@ -88,7 +88,8 @@ def check_same_sweep(storage: Storage, sweep_path: str, sweep: Sweep) -> None:
     differing = [f"job.{key}" for key in run_folder.changed_keys(recorded["job"], current["job"])]
     if old.get("job.train.epochs") != new.get("job.train.epochs"):  # it sets ASHA's rungs, fixed at the start
         differing.append("job.train.epochs")
-    differing += sorted(key for key in old.keys() | new.keys() if key.startswith("tune.") and old.get(key) != new.get(key))
+    differing += sorted(key for key in old.keys() | new.keys()
+                        if key.startswith("tune.") and old.get(key) != new.get(key))
     if differing:
         shown = ", ".join(f"{key.removeprefix('job.')} ({old.get(key)!r} -> {new.get(key)!r})" for key in differing[:3])
         more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
@@ -137,7 +138,8 @@ def dry_run(sweep: Sweep, storage: Storage) -> int:
     for number, point in enumerate(tune.points_to_evaluate, start=1):
         print(f"  first trial {number}: {ranking.format_params(point)}")
     if tune.scheduler == "asha":
-        print(f"  ASHA: grace period {tune.asha.grace_period} epoch(s), reduction factor {tune.asha.reduction_factor:g}")
+        print(f"  ASHA: grace period {tune.asha.grace_period} epoch(s), "
+              f"reduction factor {tune.asha.reduction_factor:g}")
     else:
         print("  no early stopping: every trial trains all its epochs")
     return 0

@@ -62,9 +62,10 @@ import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -326,7 +327,7 @@ class MultiNodeCluster:
         if leftovers:
             raise MultiNodeError(f"processes of the cluster outlived shutdown (now killed): {leftovers}")
 
-    def __enter__(self) -> "MultiNodeCluster":
+    def __enter__(self) -> MultiNodeCluster:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -584,7 +585,7 @@ class Driver:
         code = self.wait(timeout)
         assert code == 0, f"driver exited with {code}\n{self.tail()}"
 
-    def __enter__(self) -> "Driver":
+    def __enter__(self) -> Driver:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -91,7 +91,7 @@ class TcpProxy:
         self._stopped.set()
         self.cut()
 
-    def __enter__(self) -> "TcpProxy":
+    def __enter__(self) -> TcpProxy:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -122,7 +122,7 @@ class TcpProxy:
             while self._listener is listener:
                 try:
                     client, _ = listener.accept()
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 try:
                     upstream = socket.create_connection(self.target, timeout=5)
@@ -156,7 +156,7 @@ class TcpProxy:
             self.bytes_up += up
             self.bytes_down += down
 
-    def _forget(self, pipe: "_Pipe") -> None:
+    def _forget(self, pipe: _Pipe) -> None:
         with self._lock:
             self._pipes.discard(pipe)
 
@@ -225,7 +225,7 @@ class _Pipe:
                 raise OSError("aborted")
             try:
                 sent = sock.send(view)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             view = view[sent:]
 

@@ -44,11 +44,12 @@ def wait_until_answers(url: str, timeout: float = 30.0, process: subprocess.Pope
             return
         except urllib.error.HTTPError:
             return
-        except OSError:
+        except OSError as error:
             if process is not None and process.poll() is not None:
-                raise RuntimeError(f"server for {url} exited with code {process.returncode}")
+                # the refused connection only echoes the exit
+                raise RuntimeError(f"server for {url} exited with code {process.returncode}") from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no answer from {url} within {timeout:.0f} s")
+                raise TimeoutError(f"no answer from {url} within {timeout:.0f} s") from error
             time.sleep(0.1)
 
 

@@ -34,11 +34,13 @@ def bad_pets(root: Path) -> Path:
     """The tiny Pet set with every kind of damage the real one has, and more."""
     write_tiny_pets(root)  # Bengal_2 is already an RGBA PNG behind a .jpg name
     (root / "images/Bengal_1.jpg").write_bytes((root / "images/Bengal_1.jpg").read_bytes()[:300])  # truncated JPEG
-    Image.fromarray(np.zeros((50, 30), dtype=np.uint8), "P").save(root / "images/Abyssinian_2.jpg", "GIF")  # GIF named .jpg
+    # GIF named .jpg
+    Image.fromarray(np.zeros((50, 30), dtype=np.uint8), "P").save(root / "images/Abyssinian_2.jpg", "GIF")
     trimap = np.asarray(Image.open(root / "annotations/trimaps/Beagle_1.png")).copy()
     trimap[0, 0] = 99
     Image.fromarray(trimap, "L").save(root / "annotations/trimaps/Beagle_1.png")  # a label outside 1..3
-    Image.fromarray(np.full((7, 9), 2, dtype=np.uint8), "L").save(root / "annotations/trimaps/Abyssinian_1.png")  # size mismatch
+    # size mismatch
+    Image.fromarray(np.full((7, 9), 2, dtype=np.uint8), "L").save(root / "annotations/trimaps/Abyssinian_1.png")
     (root / "annotations/test.txt").write_text("Bengal_2 6 1 6\nBeagle_1 7 2 7\nPersian_1 8 1 8\n")  # listed, no files
     return root
 
@@ -63,30 +65,35 @@ def test_every_bad_sample_is_named_and_nothing_crashes(tmp_path, capsys):
     out = captured.out.splitlines()
     assert all(line.startswith(("error: ", "warning: ")) for line in out)
     truncated = lines_about(out, "Bengal_1")
-    assert truncated == [f"error: train sample 'Bengal_1': image {root}/images/Bengal_1.jpg is truncated or corrupt " + truncated[0].split("corrupt ", 1)[1]]
-    assert any("is really a GIF file behind a .jpg name" in line and line.startswith("warning") for line in lines_about(out, "Abyssinian_2"))
+    assert truncated == [f"error: train sample 'Bengal_1': image {root}/images/Bengal_1.jpg is truncated or corrupt "
+                         + truncated[0].split("corrupt ", 1)[1]]
+    assert any("is really a GIF file behind a .jpg name" in line and line.startswith("warning")
+               for line in lines_about(out, "Abyssinian_2"))
     assert any("alpha channel (RGBA)" in line for line in lines_about(out, "Bengal_2"))
     assert any("is really a PNG file" in line for line in lines_about(out, "Bengal_2"))
     assert lines_about(out, "Beagle_1") == [
-        f"error: val sample 'Beagle_1': trimap {root}/annotations/trimaps/Beagle_1.png has values 99 outside the dataset's values 1..3"]
+        f"error: val sample 'Beagle_1': trimap {root}/annotations/trimaps/Beagle_1.png "
+        "has values 99 outside the dataset's values 1..3"]
     assert lines_about(out, "Abyssinian_1") == [
         f"error: train sample 'Abyssinian_1': image {root}/images/Abyssinian_1.jpg is 60x40 but its trimap "
         f"{root}/annotations/trimaps/Abyssinian_1.png is 9x7; fix or remove the pair"]
-    assert lines_about(out, "Persian_1") == [f"error: val sample 'Persian_1': image {root}/images/Persian_1.jpg is missing",
-                                             f"error: val sample 'Persian_1': trimap {root}/annotations/trimaps/Persian_1.png is missing"]
+    assert lines_about(out, "Persian_1") == [
+        f"error: val sample 'Persian_1': image {root}/images/Persian_1.jpg is missing",
+        f"error: val sample 'Persian_1': trimap {root}/annotations/trimaps/Persian_1.png is missing"]
     assert "6 samples checked" in captured.err and "4 bad, 3 warnings" in captured.err and "--skip-bad" in captured.err
 
 
 def test_colour_masks_other_values_and_empty_splits(tmp_path):
     voc = write_voc(tmp_path / "voc")
-    Image.fromarray(np.dstack([np.zeros((40, 50), np.uint8), np.full((40, 50), 128, np.uint8), np.zeros((40, 50), np.uint8)]),
-                    "RGB").save(voc / "SegmentationClass/2007_000001.png")  # a colour mask, not class indices
+    green = np.dstack([np.zeros((40, 50), np.uint8), np.full((40, 50), 128, np.uint8), np.zeros((40, 50), np.uint8)])
+    Image.fromarray(green, "RGB").save(voc / "SegmentationClass/2007_000001.png")  # a colour mask, not class indices
     mask = np.asarray(Image.open(voc / "SegmentationClass/2007_000002.png")).copy()
     mask[3, 3] = 99
     Image.fromarray(mask, "L").save(voc / "SegmentationClass/2007_000002.png")
     (voc / "ImageSets/Segmentation/val.txt").write_text("")
     report = check_data(VOCData(root=str(tmp_path / "voc")), seed=0)
-    assert [str(problem).split(": ", 2)[1] for problem in report.errors] == ["val split", "train sample '2007_000001'", "train sample '2007_000002'"]
+    assert [str(problem).split(": ", 2)[1] for problem in report.errors] == [
+        "val split", "train sample '2007_000001'", "train sample '2007_000002'"]
     assert "is a colour (RGB) mask; expected one label value per pixel" in report.errors[1].message
     assert "has values 99 outside the dataset's values 0..20, 255" in report.errors[2].message
     assert report.bad_samples == ["2007_000001", "2007_000002"]
@@ -126,7 +133,8 @@ def test_training_refuses_to_start_on_bad_samples_before_ray(tmp_path, capsys):
     assert train([str(job)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1
-    assert "data: 4 problem(s), the first: error: train sample 'Abyssinian_1'" in errors[0] and "--skip-bad" in errors[0]
+    assert "data: 4 problem(s), the first: error: train sample 'Abyssinian_1'" in errors[0]
+    assert "--skip-bad" in errors[0]
     assert not (tmp_path / "runs" / "pets").exists()
 
 

@@ -17,7 +17,8 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
 
 
-def make_checkpoint(storage, run_path, tmp_path: Path, step: int, miou: float | None, run: str = "run") -> checkpoint.CheckpointInfo:
+def make_checkpoint(storage, run_path, tmp_path: Path, step: int, miou: float | None,
+                    run: str = "run") -> checkpoint.CheckpointInfo:
     model = tiny_model()
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(1, 3, 8, 8)).sum().backward()

@@ -107,7 +107,8 @@ def test_file_problems(tmp_path):
 
 
 def test_local_paths_become_absolute(tmp_path):
-    job = JobConfig.model_validate({"name": "x", "data": {"name": "pets", "root": "data/pets"}, "storage": {"uri": "./runs"}})
+    job = JobConfig.model_validate({"name": "x", "data": {"name": "pets", "root": "data/pets"},
+                                    "storage": {"uri": "./runs"}})
     resolved = resolve_local_paths(job, base=tmp_path)
     assert resolved.data.root == str(tmp_path / "data/pets")
     assert resolved.storage.uri == str(tmp_path / "runs")

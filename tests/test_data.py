@@ -38,7 +38,8 @@ def synthetic(seed: int = 0, **options) -> tuple:
 
 
 def test_unknown_dataset_lists_valid_names():
-    with pytest.raises(UserError, match="unknown dataset 'vok'; valid: camvid, folder, leaf, nyuv2, pets, synthetic, voc"):
+    with pytest.raises(UserError,
+                       match="unknown dataset 'vok'; valid: camvid, folder, leaf, nyuv2, pets, synthetic, voc"):
         build_datasets(SimpleNamespace(name="vok"), seed=0)
     assert set(DATASETS) == {"synthetic", "pets", "voc", "camvid", "nyuv2", "leaf", "folder"}
 
@@ -321,7 +322,8 @@ def test_tiny_pets_random_split_uses_both_lists(tmp_path):
     assert names == {"Abyssinian_1", "Abyssinian_2", "Bengal_1", "Bengal_2", "Beagle_1"}
 
 
-@pytest.mark.parametrize("missing, kind", [("images/Bengal_1.jpg", "image"), ("annotations/trimaps/Beagle_1.png", "trimap")])
+@pytest.mark.parametrize("missing, kind",
+                         [("images/Bengal_1.jpg", "image"), ("annotations/trimaps/Beagle_1.png", "trimap")])
 def test_tiny_pets_missing_file_names_the_sample(tmp_path, missing, kind):
     write_tiny_pets(tmp_path)
     (tmp_path / missing).unlink()
@@ -361,5 +363,6 @@ def test_tiny_pets_size_mismatch_names_the_pair(tmp_path):
     write_tiny_pets(tmp_path)
     Image.fromarray(np.full((10, 10), 2, dtype=np.uint8), "L").save(tmp_path / "annotations/trimaps/Bengal_1.png")
     train, _ = build_datasets(PetsData(root=str(tmp_path), split="official"), seed=0)
-    with pytest.raises(UserError, match=r"'Bengal_1': image .*Bengal_1.jpg is 47x33 but its trimap .*Bengal_1.png is 10x10"):
+    with pytest.raises(UserError,
+                       match=r"'Bengal_1': image .*Bengal_1.jpg is 47x33 but its trimap .*Bengal_1.png is 10x10"):
         train.load(2)

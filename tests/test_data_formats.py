@@ -83,13 +83,15 @@ def test_voc_sbd_list_with_png_and_mat_masks_leaves_out_val_ids(tmp_path, caplog
     Image.fromarray(blocks(30, 20, [0, 7]), "L").save(voc / "SegmentationClassAug" / "2008_000009.png")
     Image.fromarray(photo(24, 36)).save(voc / "JPEGImages" / "2008_000010.jpg")
     segmentation = blocks(24, 36, [0, 12])
-    scipy.io.savemat(voc / "cls" / "2008_000010.mat", {"GTcls": {"Segmentation": segmentation, "CategoriesPresent": np.array([12])}})
+    scipy.io.savemat(voc / "cls" / "2008_000010.mat",
+                     {"GTcls": {"Segmentation": segmentation, "CategoriesPresent": np.array([12])}})
     (tmp_path / "train_aug.txt").write_text(
         "/JPEGImages/2008_000009.jpg /SegmentationClassAug/2008_000009.png\n"
         "/JPEGImages/2008_000010.jpg /cls/2008_000010.mat\n"
         "/JPEGImages/2007_000003.jpg /SegmentationClass/2007_000003.png\n"  # a val image: must not train
     )
-    train, val = build_datasets(VOCData(root=str(tmp_path), train_list=str(tmp_path / "train_aug.txt"), image_size=32), seed=0)
+    train, val = build_datasets(VOCData(root=str(tmp_path), train_list=str(tmp_path / "train_aug.txt"), image_size=32),
+                                seed=0)
     assert [train.sample_name(i) for i in range(len(train))] == ["2008_000009", "2008_000010"]
     assert "left out of training" in caplog.text
     assert np.array_equal(train.load(1)["mask"].numpy(), segmentation)
@@ -112,7 +114,8 @@ def write_camvid(root: Path, counts=None, size=(36, 48)) -> Path:
         for number in range(count):
             name = f"0001TP_{split}{number:03d}"
             Image.fromarray(photo(*size)).save(camvid / split / f"{name}.png")
-            Image.fromarray(blocks(*size, [0, 3, 8, 11, number % 11]), "L").save(camvid / f"{split}annot" / f"{name}.png")
+            Image.fromarray(blocks(*size, [0, 3, 8, 11, number % 11]), "L").save(
+                camvid / f"{split}annot" / f"{name}.png")
             lines.append(f"/SegNet/CamVid/{split}/{name}.png /SegNet/CamVid/{split}annot/{name}.png\n")
         (camvid / f"{split}.txt").write_text("".join(lines))
     return camvid
@@ -168,7 +171,8 @@ def test_leaf_binary_255_is_the_lesion_not_ignore(tmp_path):
 
 def test_leaf_soft_targets_are_vote_probabilities_in_training_only(tmp_path):
     votes = write_leaf(tmp_path)
-    train, val = build_datasets(LeafData(root=str(tmp_path), soft_targets=True, val_fraction=0.34, image_size=64), seed=0)
+    train, val = build_datasets(LeafData(root=str(tmp_path), soft_targets=True, val_fraction=0.34, image_size=64),
+                                seed=0)
     image, target = train[(0, 0)]
     assert target.shape == (2, 64, 64) and target.dtype == torch.float32 and image.shape == (3, 64, 64)
     labelled = target.sum(0) > 0
@@ -201,7 +205,8 @@ def write_folder(root: Path, palette: list | None = None, count: int = 5, size=(
         Image.fromarray(photo(*size)).save(root / "images" / f"scene{number}.{'png' if number % 2 else 'jpg'}")
         labels = blocks(*size, [0, 1, 2])
         if palette:
-            Image.fromarray(np.array(palette, dtype=np.uint8)[labels], "RGB").save(root / "masks" / f"scene{number}.png")
+            Image.fromarray(np.array(palette, dtype=np.uint8)[labels], "RGB").save(
+                root / "masks" / f"scene{number}.png")
         else:
             Image.fromarray(labels, "L").save(root / "masks" / f"scene{number}.png")
 
@@ -264,13 +269,18 @@ def write_nyuv2(folder: Path, frames: int = 6, height: int = 24, width: int = 32
             file.create_dataset(name, data=array, chunks=(1, *array.shape[1:]), compression="gzip")
             file[name].attrs["MATLAB_class"] = np.bytes_(matlab_class)
     with open(path, "r+b") as file:
-        file.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Tue Nov 23 00:00:00 2026 HDF5 schema 1.00 .".ljust(116))
+        file.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Tue Nov 23 00:00:00 2026 "
+                   b"HDF5 schema 1.00 .".ljust(116))
         file.write(b"\x00" * 8 + b"\x00\x02" + b"IM")
     map40 = np.concatenate([[0, 0], (np.arange(892) % 40) + 1])  # raw 1 and 2 unmapped; others cycle 1..40
     map13 = (np.arange(40) % 13) + 1
-    scipy.io.savemat(folder / "classMapping40.mat", {"mapClass": map40[None], "className": np.array(["wall"] * 40, dtype=object)[None]})
-    scipy.io.savemat(folder / "class13Mapping.mat", {"classMapping13": {"labelName": np.array(["bed"] * 13, dtype=object), "labelsMapping": map13[None]}})
-    scipy.io.savemat(folder / "splits.mat", {"trainNdxs": np.array([[1], [2], [4], [6]]), "testNdxs": np.array([[3], [5]])})
+    scipy.io.savemat(folder / "classMapping40.mat",
+                     {"mapClass": map40[None], "className": np.array(["wall"] * 40, dtype=object)[None]})
+    scipy.io.savemat(folder / "class13Mapping.mat",
+                     {"classMapping13": {"labelName": np.array(["bed"] * 13, dtype=object),
+                                         "labelsMapping": map13[None]}})
+    scipy.io.savemat(folder / "splits.mat",
+                     {"trainNdxs": np.array([[1], [2], [4], [6]]), "testNdxs": np.array([[3], [5]])})
     return {"path": path, "images": images, "depths": depths, "labels": labels, "map40": map40, "map13": map13}
 
 
@@ -303,7 +313,8 @@ def test_nyuv2_training_keeps_depth_and_labels_aligned(tmp_path):
     with h5py.File(nyu["path"], "r+") as file:  # depth that says which class a pixel is
         labels = file["labels"][()]
         file["depths"][...] = (labels % 7).astype(np.float32) + 1
-    cfg = NYUv2Data(path=str(nyu["path"]), image_size=40, augment={"strength": 1.0, "scale": [0.7, 1.6], "rotation": 15})
+    cfg = NYUv2Data(path=str(nyu["path"]), image_size=40,
+                    augment={"strength": 1.0, "scale": [0.7, 1.6], "rotation": 15})
     train, _ = build_datasets(cfg, seed=0)
     coding = train.coding
     raw_of_class = {}
@@ -350,7 +361,8 @@ def test_nyuv2_opens_its_own_file_handle_in_each_process(tmp_path):
 def test_local_nyuv2_paths_become_absolute_for_the_workers(tmp_path):
     job = JobConfig(name="x", data=NYUv2Data(path="nyu/labelled.mat", mapping40="maps/m40.mat", endpoint_url=None))
     resolved = resolve_local_paths(job, base=tmp_path)
-    assert resolved.data.path == str(tmp_path / "nyu/labelled.mat") and resolved.data.mapping40 == str(tmp_path / "maps/m40.mat")
+    assert resolved.data.path == str(tmp_path / "nyu/labelled.mat")
+    assert resolved.data.mapping40 == str(tmp_path / "maps/m40.mat")
     assert resolved.data.mapping13 is None and resolved.data.splits is None
     remote = JobConfig(name="x", data=NYUv2Data(path="s3://bucket/nyu/labelled.mat"))
     assert resolve_local_paths(remote, base=tmp_path).data.path == "s3://bucket/nyu/labelled.mat"
@@ -360,5 +372,6 @@ def test_voc_random_split_pools_both_lists(tmp_path):
     write_voc(tmp_path, train=("2007_000001", "2007_000002", "2007_000004", "2007_000005"), val=("2007_000003",))
     train, val = build_datasets(VOCData(root=str(tmp_path), split="random", val_fraction=0.4), seed=0)
     assert (len(train), len(val)) == (3, 2)
-    assert sorted(train.names + val.names) == ["2007_000001", "2007_000002", "2007_000003", "2007_000004", "2007_000005"]
+    assert sorted(train.names + val.names) == [
+        "2007_000001", "2007_000002", "2007_000003", "2007_000004", "2007_000005"]
     assert build_datasets(VOCData(root=str(tmp_path), split="random", val_fraction=0.4), seed=0)[1].names == val.names

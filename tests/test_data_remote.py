@@ -23,7 +23,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def downloads(monkeypatch) -> list[str]:
-    """Every folder download made through segjob.storage, in order."""
+    """Every folder download made through segjob.store.storage, in order."""
     made: list[str] = []
     original = Storage.get_folder
 

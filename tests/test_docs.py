@@ -11,7 +11,7 @@ import importlib
 import io
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,7 +22,7 @@ from segjob.job.schema import JobConfig
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 REFERENCE = DOCS / "job-reference.md"
-REGENERATE = ".venv/bin/python -m segjob.docs_reference > docs/job-reference.md"
+REGENERATE = ".venv/bin/python -m segjob.job.reference > docs/job-reference.md"
 COMMANDS = ["train", "tune", "check", "pull", "evaluate", "predict", "report"]
 
 
@@ -32,7 +32,7 @@ def test_job_reference_matches_the_schema():
     if fresh != committed:
         changed = [line for line in fresh.splitlines() if line not in committed.splitlines()][:5]
         pytest.fail(
-            f"docs/job-reference.md is out of date with segjob/config.py; regenerate it with\n    {REGENERATE}\n"
+            f"docs/job-reference.md is out of date with segjob/job/schema.py; regenerate it with\n    {REGENERATE}\n"
             "first lines that differ:\n    " + "\n    ".join(changed)
         )
 
@@ -69,7 +69,7 @@ class _Sweep(BaseModel):
     """A made-up section shaped like a search space: a mapping of tagged sections."""
 
     model_config = ConfigDict(extra="forbid")
-    space: dict[str, Annotated[Union[_Uniform, _Choice], Field(discriminator="kind")]] = Field(default_factory=dict)
+    space: dict[str, Annotated[_Uniform | _Choice, Field(discriminator="kind")]] = Field(default_factory=dict)
     samples: int | None = None
 
 

@@ -9,7 +9,7 @@ import torch
 from segjob.engine import loop
 from segjob.engine.session import LocalSession
 from segjob.job.schema import JobConfig
-from segjob.store import checkpoint
+from segjob.store import checkpoint, run_folder
 from segjob.store.storage import open_storage
 
 
@@ -65,7 +65,7 @@ def test_a_run_reports_flat_metrics_and_commits_checkpoints(reference):
     assert [m["step"] for m, _ in session.reports] == [4, 6, 8, 12]
     assert all(path for _, path in session.reports)
     storage = open_storage(uri)
-    done = json.loads(storage.read_bytes(storage.path("tiny", loop.DONE_FILE)))
+    done = json.loads(storage.read_bytes(storage.path("tiny", run_folder.DONE_FILE)))
     assert done["epochs"] == 2 and done["step"] == 12
     # retention: best 1 by val/miou plus the newest
     assert 1 <= len(checkpoint.list_committed(storage, storage.path("tiny"))) <= 2
@@ -90,7 +90,10 @@ def test_resume_mid_epoch_ends_with_identical_weights_and_history(reference, tmp
     reference_history = checkpoint.load(
         reference_storage, checkpoint.latest(reference_storage, reference_storage.path("tiny"))
     ).history
-    strip = lambda records: [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in records]
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in records]
+
     assert strip(history) == strip(reference_history)
     steps = [r["step"] for r in history if "train/step_loss" in r]
     assert steps == list(range(1, 13)), "no duplicated or missing steps in the history"
@@ -119,7 +122,8 @@ def test_a_short_run_commits_to_object_storage(store, request):
 
 def test_bf16_autocast_and_gradient_accumulation(tmp_path):
     session = LocalSession("cpu")
-    metrics = loop.run(tiny_job(str(tmp_path), epochs=1, amp="bf16", grad_accum_steps=2, checkpoint_every_steps=0), session)
+    metrics = loop.run(tiny_job(str(tmp_path), epochs=1, amp="bf16", grad_accum_steps=2, checkpoint_every_steps=0),
+                       session)
     assert metrics["step"] == 48 // 8 // 2, "one optimizer step per two micro-batches"
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 

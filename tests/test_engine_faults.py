@@ -34,7 +34,8 @@ def test_a_storage_cut_during_uploads_costs_checkpoints_not_training(s3_endpoint
     proxy = TcpProxy(target.hostname, target.port)
     uri = f"s3://{s3_bucket}/runs"
     job = tiny_job(uri, epochs=3, checkpoint_every_steps=1)
-    job = job.model_copy(update={"storage": job.storage.model_copy(update={"endpoint_url": proxy.url, "keep_best": 10})})
+    job = job.model_copy(
+        update={"storage": job.storage.model_copy(update={"endpoint_url": proxy.url, "keep_best": 10})})
     direct = open_storage(uri, endpoint_url=s3_endpoint)  # the test's own view, around the proxy
     warnings = Warnings()
     logging.getLogger("segjob").addHandler(warnings)

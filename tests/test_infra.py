@@ -67,7 +67,8 @@ def hadolint() -> str:
 
 
 def lint(dockerfile_text: str) -> subprocess.CompletedProcess:
-    return subprocess.run([hadolint(), "--no-color", "-"], input=dockerfile_text, capture_output=True, text=True, timeout=60)
+    return subprocess.run([hadolint(), "--no-color", "-"], input=dockerfile_text, capture_output=True, text=True,
+                          timeout=60)
 
 
 def instructions(dockerfile_text: str) -> list[tuple[str, str]]:
@@ -249,10 +250,14 @@ BROKEN_RAYJOBS = {
     "unknown submission mode": lambda job: _spec(job).update(submissionMode="K8sMode"),
     "worker group without groupName": lambda job: _worker(job).pop("groupName"),
     "worker group without maxReplicas": lambda job: _worker(job).pop("maxReplicas"),
-    "rayStartParams value not a string": lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
-    "grace period as a string": lambda job: _worker(job)["template"]["spec"].update(terminationGracePeriodSeconds="90s"),
+    "rayStartParams value not a string":
+        lambda job: job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"].update({"num-gpus": 0}),
+    "grace period as a string":
+        lambda job: _worker(job)["template"]["spec"].update(terminationGracePeriodSeconds="90s"),
     "container without a name": lambda job: _worker(job)["template"]["spec"]["containers"][0].pop("name"),
-    "GPU limit not a quantity": lambda job: _worker(job)["template"]["spec"]["containers"][0]["resources"]["limits"].update({"nvidia.com/gpu": "one"}),
+    "GPU limit not a quantity":
+        lambda job: _worker(job)["template"]["spec"]["containers"][0]["resources"]["limits"].update(
+            {"nvidia.com/gpu": "one"}),
     "old API version": lambda job: job.update(apiVersion="ray.io/v1alpha1"),
 }
 
@@ -285,7 +290,8 @@ def test_rayjob_puts_workers_on_spot_and_the_head_off_it():
     terms = head["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"} in terms[0]["matchExpressions"]
     assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert head["serviceAccountName"] and worker["serviceAccountName"], "storage credentials come from a service account"
+    assert head["serviceAccountName"] and worker["serviceAccountName"], \
+        "storage credentials come from a service account"
 
 
 def test_rayjob_matches_the_pinned_ray_and_image_and_holds_no_credentials():

@@ -53,8 +53,10 @@ SMALL = [
     "train.epochs=3", "train.batch_size=8", "train.checkpoint_every_steps=4", "train.log_every_steps=1",
     "preemption.aws_metadata_url=null", "preemption.gcp_metadata_url=null", "tune.metric=val/loss", "tune.mode=min",
 ]
-GOOD = ["{optim.lr: 0.01, optim.name: adam, model.base_channels: 8}", "{optim.lr: 0.003, optim.name: adam, model.base_channels: 16}"]
-STALLED = ["{optim.lr: 0.0003, optim.name: sgd, model.base_channels: 8}", "{optim.lr: 0.0003, optim.name: sgd, model.base_channels: 16}"]
+GOOD = ["{optim.lr: 0.01, optim.name: adam, model.base_channels: 8}",
+        "{optim.lr: 0.003, optim.name: adam, model.base_channels: 16}"]
+STALLED = ["{optim.lr: 0.0003, optim.name: sgd, model.base_channels: 8}",
+           "{optim.lr: 0.0003, optim.name: sgd, model.base_channels: 16}"]
 
 
 @dataclass
@@ -64,9 +66,11 @@ class Cluster:
     process: subprocess.Popen
 
     def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([str(RAY), *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([str(RAY), *args], env=self.env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
 
-    def submit(self, job_id: str, sets: list[str], wait: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    def submit(self, job_id: str, sets: list[str], wait: bool = True,
+               timeout: float = 600) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir . -- python -m segjob.tune jobs/tune_quickstart.yaml --set ...`."""
         entrypoint = ["python", "-m", "segjob.tune", SWEEP_FILE, *[arg for s in sets for arg in ("--set", s)]]
         # the job's own env vars: segjob's driver must not name them again (Ray refuses a conflict)
@@ -176,7 +180,8 @@ def test_a_sweep_through_the_job_api_stops_early_survives_a_lost_worker_and_pull
     stopped = [row for row in results if row["status"] == "stopped early"]
     assert stopped and all(int(row["epochs"]) < 3 for row in stopped), "ASHA stopped at least one trial early"
     assert {row["optim.name"] for row in stopped} >= {"sgd"}, "the stalled trials were the ones stopped"
-    assert re.search(r"\] resumed (\w+) from step-\d+", logs), "the trial that lost its worker resumed from its checkpoint"
+    assert re.search(r"\] resumed (\w+) from step-\d+", logs), \
+        "the trial that lost its worker resumed from its checkpoint"
     assert "stopped early by the scheduler" in logs and "best val/loss" in logs, "progress lines while it runs"
 
     best = json.loads(storage.read_bytes(f"{sweep}/best.json"))
@@ -248,7 +253,8 @@ def test_a_killed_sweep_driver_resumes_when_the_same_command_is_submitted_again(
     assert again.returncode == 0, logs[-4000:] + again.stderr[-2000:]
     assert f"restoring sweep '{name}'" in logs and "restored the scheduler's state" in logs
     assert f"resumed {interrupted} from step-" in logs, "the interrupted trial continued from its checkpoint"
-    assert f"resumed {finished} " not in logs and f"trial {finished} started" not in logs, "the finished trial was not run again"
+    assert f"resumed {finished} " not in logs and f"trial {finished} started" not in logs, \
+        "the finished trial was not run again"
 
     results = read_csv(storage, f"{sweep}/results.csv")
     assert sorted(row["trial"] for row in results) == sorted([finished, interrupted]), "no trial added or lost"

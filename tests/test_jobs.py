@@ -64,8 +64,7 @@ def test_job_names_are_unique():
 def local_paths(job) -> list[tuple[str, str]]:
     """(key, path) for every local file or folder the job reads: dataset and weight files."""
     found = []
-    path_keys = job.data.path_keys() if hasattr(job.data, "path_keys") else ("root",)
-    for key in path_keys:
+    for key in job.data.path_keys():
         value = getattr(job.data, key, None)
         if value and "://" not in value:
             found.append((f"data.{key}", value))

@@ -25,7 +25,7 @@ from segjob.learning.losses import (
     weights_from_counts,
 )
 
-I = IGNORE_INDEX
+IGN = IGNORE_INDEX
 as_loss = TypeAdapter(LossConfig).validate_python
 
 
@@ -146,7 +146,8 @@ def test_focal_against_the_direct_formula():
     p = torch.softmax(logits, dim=1).permute(0, 2, 3, 1)[counted]  # [pixels, K]
     p_true = p[torch.arange(len(t)), t]
     expected = (-(weights[t]) * (1 - p_true) ** gamma * torch.log(p_true)).sum() / weights[t].sum()
-    actual = build_loss(as_loss({"name": "focal", "gamma": gamma, "class_weights": weights.tolist()}), 4)(logits, target)
+    focal = build_loss(as_loss({"name": "focal", "gamma": gamma, "class_weights": weights.tolist()}), 4)
+    actual = focal(logits, target)
     torch.testing.assert_close(actual, expected)
     assert actual < loss_of(class_weights=weights.tolist())(logits, target)  # easy pixels weigh less
 
@@ -165,7 +166,8 @@ def dice_reference(probs: torch.Tensor, target_probs: torch.Tensor, smooth: floa
     """1 - mean_c (2 sum p t + s) / (sum p + sum t + s) over labelled pixels, straight from the definition."""
     counted = (target_probs.sum(1, keepdim=True) > 0).float()
     p, t = probs * counted, target_probs
-    scores = [(2 * (p[:, c] * t[:, c]).sum() + smooth) / (p[:, c].sum() + t[:, c].sum() + smooth) for c in range(p.shape[1])]
+    scores = [(2 * (p[:, c] * t[:, c]).sum() + smooth) / (p[:, c].sum() + t[:, c].sum() + smooth)
+              for c in range(p.shape[1])]
     return 1 - torch.stack(scores).mean()
 
 
@@ -187,7 +189,8 @@ def test_dice_of_a_perfect_prediction_is_zero():
         assert loss.item() == pytest.approx(0.0, abs=1e-6), name
     # and the worst prediction scores about 1: nothing where the truth is
     worst = -perfect
-    assert build_loss(as_loss({"name": "dice", "smooth": 1e-6}), 4)(worst, target).item() == pytest.approx(1.0, abs=1e-6)
+    dice = build_loss(as_loss({"name": "dice", "smooth": 1e-6}), 4)
+    assert dice(worst, target).item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_weighted_sums_add_their_terms():
@@ -389,7 +392,7 @@ class Masks:
 
 def test_inverse_and_median_frequency_weights_by_hand():
     # image 0: 3 a, 1 b; image 1: 2 a, 2 c; image 2: 3 a and 1 ignored pixel (3 counted)
-    masks = [torch.tensor([[0, 0], [0, 1]]), torch.tensor([[0, 2], [0, 2]]), torch.tensor([[0, 0], [0, I]])]
+    masks = [torch.tensor([[0, 0], [0, 1]]), torch.tensor([[0, 2], [0, 2]]), torch.tensor([[0, 0], [0, IGN]])]
     class_pixels, present_pixels, samples = count_classes(Masks(masks), 3, max_samples=10)
     assert class_pixels.tolist() == [8, 1, 2] and present_pixels.tolist() == [11, 4, 4] and samples == 3
     inverse = weights_from_counts("inverse", class_pixels, present_pixels)
@@ -433,7 +436,7 @@ def test_frequency_weights_need_the_training_set_and_valid_labels():
     with pytest.raises(UserError, match=r"training sample 'mask-1': label 5 is outside 0..2"):
         loss_of(3, train_set=Masks([torch.tensor([[0]]), torch.tensor([[5]])]), class_weights="inverse")
     with pytest.raises(UserError, match="no labelled pixel"):
-        loss_of(3, train_set=Masks([torch.tensor([[I]])]), class_weights="inverse")
+        loss_of(3, train_set=Masks([torch.tensor([[IGN]])]), class_weights="inverse")
 
 
 def test_frequency_weights_on_synthetic_data_are_identical_each_time():
@@ -442,7 +445,8 @@ def test_frequency_weights_on_synthetic_data_are_identical_each_time():
 
     train, _ = build_datasets(SyntheticData(num_classes=3, train_samples=12, val_samples=2, image_size=32), seed=1)
     first = loss_of(3, train_set=train, class_weights="median").class_weights
-    train_again, _ = build_datasets(SyntheticData(num_classes=3, train_samples=12, val_samples=2, image_size=32), seed=1)
+    train_again, _ = build_datasets(SyntheticData(num_classes=3, train_samples=12, val_samples=2, image_size=32),
+                                    seed=1)
     assert torch.equal(first, loss_of(3, train_set=train_again, class_weights="median").class_weights)
     assert first[0] < first[1] and first[0] < first[2]  # the background is the common class
     assert np.isfinite(first.numpy()).all() and not math.isnan(float(first.sum()))
@@ -452,7 +456,8 @@ def test_the_engine_trains_with_weights_from_the_data_and_a_warmup(tmp_path):
     from segjob.engine import loop
     from segjob.engine.session import LocalSession
 
-    job = tiny_job("weighted", tmp_path, loss={"name": "focal+dice", "class_weights": "median", "frequency_samples": 16},
+    job = tiny_job("weighted", tmp_path,
+                   loss={"name": "focal+dice", "class_weights": "median", "frequency_samples": 16},
                    optim={"name": "sgd", "lr": 0.05, "nesterov": True,
                           "schedule": {"name": "poly", "warmup_steps": 2}},
                    train={"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 3, "log_every_steps": 1})

@@ -21,7 +21,7 @@ from segjob.learning.metrics import (
     predict_labels,
 )
 
-I = IGNORE_INDEX
+IGN = IGNORE_INDEX
 
 
 def confusion_of(num_classes: int, target, prediction) -> ConfusionMatrix:
@@ -48,7 +48,7 @@ def test_two_classes_by_hand():
 
 def test_three_classes_with_ignored_pixels_and_an_absent_class():
     # Class 2 appears nowhere that counts: only as predictions on ignored pixels.
-    target = [[[0, 0, 1, I], [1, 1, I, 0]]]
+    target = [[[0, 0, 1, IGN], [1, 1, IGN, 0]]]
     prediction = [[[0, 1, 1, 2], [1, 0, 2, 0]]]
     confusion = confusion_of(3, target, prediction)
     assert confusion.mat.tolist() == [[2, 1, 0], [1, 2, 0], [0, 0, 0]]
@@ -150,13 +150,13 @@ def test_summary_keeps_an_absent_class_as_nan():
 def test_out_of_range_target_names_the_value(bad):
     confusion = ConfusionMatrix(3)
     with pytest.raises(ValueError, match=f"target label {bad} "):
-        confusion.update(torch.tensor([[0, bad, I]]), torch.tensor([[0, 1, 2]]))
+        confusion.update(torch.tensor([[0, bad, IGN]]), torch.tensor([[0, 1, 2]]))
     assert confusion.mat.sum() == 0  # nothing half-counted
 
 
 def test_out_of_range_prediction_is_an_error_unless_ignored():
     confusion = ConfusionMatrix(3)
-    confusion.update(torch.tensor([[0, I]]), torch.tensor([[0, 9]]))  # 9 sits on an ignored pixel
+    confusion.update(torch.tensor([[0, IGN]]), torch.tensor([[0, 9]]))  # 9 sits on an ignored pixel
     assert confusion.mat.sum() == 1
     with pytest.raises(ValueError, match="predicted label 9"):
         confusion.update(torch.tensor([[0, 1]]), torch.tensor([[0, 9]]))
@@ -245,7 +245,7 @@ def test_per_image_confusion_matches_one_matrix_per_image():
 def test_image_scores_by_hand_including_an_empty_mask():
     scores = ImageScores(3, with_assd=False)
     # image 7: perfect on classes 0 and 1; image 3: everything ignored; image 5: half right
-    scores.update([7, 3], torch.tensor([[[0, 1]], [[I, I]]]), torch.tensor([[[0, 1]], [[2, 2]]]))
+    scores.update([7, 3], torch.tensor([[[0, 1]], [[IGN, IGN]]]), torch.tensor([[[0, 1]], [[2, 2]]]))
     scores.update([5], torch.tensor([[[0, 0]]]), torch.tensor([[[0, 2]]]))
     scores.gather()  # single process: sorts by index
     assert scores.indices.tolist() == [3, 5, 7]
@@ -267,7 +267,8 @@ def test_check_complete_names_duplicates_and_missing_samples():
     scores.update([0, 1], torch.zeros(2, 1, 1, dtype=torch.long), torch.zeros(2, 1, 1, dtype=torch.long))
     scores.check_complete(2)
     scores.update([1], torch.zeros(1, 1, 1, dtype=torch.long), torch.zeros(1, 1, 1, dtype=torch.long))
-    with pytest.raises(RuntimeError, match=r"scored 3 images for a dataset of 3: counted more than once \[1\], missing \[2\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"scored 3 images for a dataset of 3: counted more than once \[1\], missing \[2\]"):
         scores.check_complete(3)
 
 
@@ -338,7 +339,7 @@ def test_assd_matches_brute_force_on_random_blobs(seed):
 
 
 def test_assd_per_class_leaves_predictions_on_ignored_pixels_out():
-    target = np.full((20, 20), I)
+    target = np.full((20, 20), IGN)
     target[5:15, 5:15] = 1
     target[:, :2] = 0
     prediction = np.ones((20, 20), dtype=np.int64)  # class 1 everywhere, also where ignored
@@ -387,7 +388,8 @@ def _gather_worker(rank: int, world_size: int, folder: str, duplicate: bool) -> 
 
 @pytest.mark.parametrize("duplicate", [False, True])
 def test_image_scores_gather_across_ranks(tmp_path, duplicate):
-    ranks = mp.start_processes(_gather_worker, args=(2, str(tmp_path), duplicate), nprocs=2, join=False, start_method="fork")
+    ranks = mp.start_processes(_gather_worker, args=(2, str(tmp_path), duplicate), nprocs=2, join=False,
+                               start_method="fork")
     deadline = time.monotonic() + 60
     while not ranks.join(timeout=1):
         if time.monotonic() > deadline:
@@ -411,4 +413,5 @@ def test_ties_go_to_the_first_class_and_empty_batches_count_nothing():
     confusion = ConfusionMatrix(3)
     confusion.update(torch.zeros(0, 4, 4, dtype=torch.long), torch.zeros(0, 4, 4, dtype=torch.long))
     assert confusion.mat.sum() == 0
-    assert per_image_confusion(torch.zeros(0, 4, 4, dtype=torch.long), torch.zeros(0, 4, 4, dtype=torch.long), 3).shape == (0, 3, 3)
+    empty = torch.zeros(0, 4, 4, dtype=torch.long)
+    assert per_image_confusion(empty, empty, 3).shape == (0, 3, 3)

@@ -105,7 +105,8 @@ def test_cutmix_box_matches_between_image_and_target(seed):
     for i in range(images.shape[0]):
         # each pixel comes whole from one sample: the same one in the image (all 4 channels) and the target
         from_self = (mixed_images[i] == images[i]).all(0) & (targets[i] == soft[i]).all(0)
-        sources = [(mixed_images[i] == images[j]).all(0) & (targets[i] == soft[j]).all(0) for j in range(images.shape[0])]
+        sources = [(mixed_images[i] == images[j]).all(0) & (targets[i] == soft[j]).all(0)
+                   for j in range(images.shape[0])]
         assert torch.stack(sources).any(0).all(), "every pixel's image and target come from the same sample"
         pasted = ~from_self
         if pasted.any():  # the pasted part is one axis-aligned box
@@ -132,7 +133,8 @@ def test_the_seed_decides_everything_and_probabilities_pick_per_batch():
         out_images, out_targets = half(images, labels, seed)
         if out_targets is labels:
             kinds["none"] += 1
-        elif set(out_targets.sum(1).unique().tolist()) <= {0.0, 1.0} and ((out_targets == 0) | (out_targets == 1)).all():
+        elif (set(out_targets.sum(1).unique().tolist()) <= {0.0, 1.0}
+              and ((out_targets == 0) | (out_targets == 1)).all()):
             kinds["cutmix"] += 1
         else:
             kinds["mixup"] += 1

@@ -24,17 +24,22 @@ def model_section(**model):
     "model, message",
     [
         ({"name": "unet", "encoder": "resnet50", "depth": 3},
-         "model.depth: only for the plain U-Net (encoder: none); an encoder U-Net is shaped by its encoder and decoder_channels (got 3)"),
+         "model.depth: only for the plain U-Net (encoder: none); "
+         "an encoder U-Net is shaped by its encoder and decoder_channels (got 3)"),
         ({"name": "unet", "encoder_weights": "r50.pth"},
-         "model.encoder_weights: only for a U-Net on an encoder: set model.encoder (e.g. resnet50) or drop this key (got 'r50.pth')"),
+         "model.encoder_weights: only for a U-Net on an encoder: "
+         "set model.encoder (e.g. resnet50) or drop this key (got 'r50.pth')"),
         ({"name": "unet", "encoder": "resnet5"},
          "model.encoder: 'resnet5' is not allowed (did you mean 'resnet50'?); expected 'none', 'resnet18'"),
         ({"name": "pspnet", "encoder": "vgg16_bn"}, "model.encoder: 'vgg16_bn' is not allowed; expected 'resnet18'"),
-        ({"name": "pspnet", "freeze_encoder": -1}, "model.freeze_encoder: expected true, false or a number of stages N >= 0 (got -1)"),
+        ({"name": "pspnet", "freeze_encoder": -1},
+         "model.freeze_encoder: expected true, false or a number of stages N >= 0 (got -1)"),
         ({"name": "pspnet", "output_stride": 32}, "model.output_stride: '32' is not allowed; expected 8 or 16"),
         ({"name": "segnet", "stages": 6}, "model.stages: Input should be less than or equal to 5 (got 6)"),
-        ({"name": "segnet", "extra_channels": "zero"}, "model.extra_channels: unknown key (did you mean 'extra_channel_init'?)"),
-        ({"name": "pspnett"}, "model.name: unknown name 'pspnett' (did you mean 'pspnet'?); valid: pspnet, segnet, unet"),
+        ({"name": "segnet", "extra_channels": "zero"},
+         "model.extra_channels: unknown key (did you mean 'extra_channel_init'?)"),
+        ({"name": "pspnett"},
+         "model.name: unknown name 'pspnett' (did you mean 'pspnet'?); valid: pspnet, segnet, unet"),
     ],
     ids=lambda value: value.get("name", "") + "-" + "-".join(sorted(value)) if isinstance(value, dict) else "",
 )
@@ -68,7 +73,8 @@ def test_the_engine_reads_aux_weight_from_the_model_section():
 
 
 def test_local_weight_paths_become_absolute_for_workers(tmp_path):
-    job = validate_job({"name": "job", "model": {"name": "unet", "encoder": "resnet18", "encoder_weights": "weights/r18.pth"}})
+    job = validate_job({"name": "job",
+                        "model": {"name": "unet", "encoder": "resnet18", "encoder_weights": "weights/r18.pth"}})
     assert resolve_local_paths(job, base=tmp_path).model.encoder_weights == str(tmp_path / "weights/r18.pth")
     remote = validate_job({"name": "job", "model": {"name": "pspnet", "encoder_weights": "s3://bucket/r50.pth"}})
     assert resolve_local_paths(remote, base=tmp_path).model.encoder_weights == "s3://bucket/r50.pth"
@@ -102,12 +108,14 @@ def test_recipe_jobs_carry_the_recipes_numbers():
     assert (nyuv2.data.name, nyuv2.model.encoder, nyuv2.model.se, nyuv2.optim.name, nyuv2.optim.schedule.name) == (
         "nyuv2", "resnet50", True, "adamw", "plateau")
     voc = load_job(JOBS / "voc_pspnet_r50.yaml")
-    assert (voc.optim.name, voc.optim.lr, voc.optim.weight_decay, voc.optim.schedule.name, voc.optim.schedule.power) == (
-        "sgd", 0.01, 0.0001, "poly", 0.9)
+    assert (voc.optim.name, voc.optim.lr, voc.optim.weight_decay, voc.optim.schedule.name,
+            voc.optim.schedule.power) == ("sgd", 0.01, 0.0001, "poly", 0.9)
     assert voc.model.aux_weight == 0.4
     pets = load_job(JOBS / "pets_segnet.yaml")
-    assert (pets.optim.name, pets.optim.lr, pets.optim.schedule.step_epochs, pets.optim.schedule.gamma) == ("adam", 0.001, 7, 0.7)
-    assert (pets.data.image_size, pets.train.epochs, pets.model.stages, pets.model.input_batchnorm) == (128, 20, 4, True)
+    assert (pets.optim.name, pets.optim.lr, pets.optim.schedule.step_epochs, pets.optim.schedule.gamma) == (
+        "adam", 0.001, 7, 0.7)
+    assert (pets.data.image_size, pets.train.epochs, pets.model.stages, pets.model.input_batchnorm) == (
+        128, 20, 4, True)
     assert load_job(JOBS / "pets_unet_mobilenet.yaml").model.encoder == "mobilenet_v2"
     assert load_job(JOBS / "camvid_segnet.yaml").data.name == "camvid"
 

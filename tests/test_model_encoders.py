@@ -67,7 +67,8 @@ def test_resnet_first_stage_is_conv1_bn1_relu_and_the_rest_are_its_layers():
 
 
 def test_unknown_encoder_lists_the_valid_names():
-    with pytest.raises(ValueError, match=r"unknown encoder 'resnet51' \(did you mean 'resnet50'\?\); valid: resnet18, "):
+    with pytest.raises(ValueError,
+                       match=r"unknown encoder 'resnet51' \(did you mean 'resnet50'\?\); valid: resnet18, "):
         Encoder("resnet51")
 
 

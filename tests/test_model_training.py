@@ -18,9 +18,11 @@ from segjob.store.storage import open_storage
 
 ARCHITECTURES = {
     "unet-resnet18-se": {"name": "unet", "encoder": "resnet18", "decoder_channels": [16, 16, 8, 8, 8], "se": True},
-    "unet-mobilenet_v2-frozen": {"name": "unet", "encoder": "mobilenet_v2", "decoder_channels": [16, 16, 8, 8, 8], "freeze_encoder": 2},
+    "unet-mobilenet_v2-frozen": {"name": "unet", "encoder": "mobilenet_v2", "decoder_channels": [16, 16, 8, 8, 8],
+                                 "freeze_encoder": 2},
     "pspnet-resnet18-aux": {"name": "pspnet", "encoder": "resnet18", "aux_weight": 0.4},
-    "pspnet-mobilenet_v3-os16": {"name": "pspnet", "encoder": "mobilenet_v3_large", "output_stride": 16, "channels_last": True},
+    "pspnet-mobilenet_v3-os16": {"name": "pspnet", "encoder": "mobilenet_v3_large", "output_stride": 16,
+                                 "channels_last": True},
     "segnet-narrow": {"name": "segnet", "width": 4},
     "segnet-pets": {"name": "segnet", "stages": 4, "width": 4, "input_batchnorm": True},
 }
@@ -64,7 +66,8 @@ def test_frozen_pretrained_stages_do_not_move_in_training(tmp_path):
 
     storage = open_storage(str(tmp_path / "runs"))
     trained = checkpoint.load(storage, checkpoint.latest(storage, storage.path("zoo"))).model_state
-    stage_1_and_2 = [k for k in pretrained if k.startswith(("features.0.", "features.1.", "features.2.", "features.3."))]
+    stage_1_and_2 = [k for k in pretrained
+                     if k.startswith(("features.0.", "features.1.", "features.2.", "features.3."))]
     for key in stage_1_and_2:
         assert torch.equal(trained[f"encoder.{key}"], pretrained[key]), f"{key} changed in a frozen stage"
     for key in ("features.4.conv.0.0.weight", "features.4.conv.0.1.running_mean"):

@@ -75,7 +75,8 @@ def test_one_channel_sums_the_rgb_filters():
     torch.testing.assert_close(widen_rgb_filters(rgb, 1)[:, 0], rgb.sum(dim=1))
     grey = torch.randn(1, 1, 9, 9)  # a grey image through the summed filter = RGB copies through the RGB filters
     torch.testing.assert_close(
-        torch.conv2d(grey, widen_rgb_filters(rgb, 1)), torch.conv2d(grey.expand(-1, 3, -1, -1), rgb), rtol=1e-5, atol=1e-5
+        torch.conv2d(grey, widen_rgb_filters(rgb, 1)), torch.conv2d(grey.expand(-1, 3, -1, -1), rgb),
+        rtol=1e-5, atol=1e-5,
     )
 
 
@@ -88,7 +89,8 @@ def test_weights_saved_as_safetensors_load_too(tmp_path, resnet18_state):
 def test_files_from_before_batchnorm_counted_batches_load(tmp_path, resnet18_state):
     path = tmp_path / "old.pth"
     torch.save({k: v for k, v in resnet18_state.items() if not k.endswith("num_batches_tracked")}, path)
-    assert_encoder_holds(unet(str(path)).encoder, resnet18_state, skip={k for k in resnet18_state if "num_batches" in k})
+    assert_encoder_holds(unet(str(path)).encoder, resnet18_state,
+                         skip={k for k in resnet18_state if "num_batches" in k})
 
 
 def test_a_shape_mismatch_names_the_layer_and_the_file(tmp_path, resnet18_state):
@@ -107,7 +109,8 @@ def test_a_shape_mismatch_names_the_layer_and_the_file(tmp_path, resnet18_state)
 def test_another_architectures_file_names_what_is_missing(tmp_path):
     path = tmp_path / "mobilenet.pth"
     torch.save(tv.mobilenet_v2(weights=None).state_dict(), path)
-    with pytest.raises(UserError, match=r"lacks \d+ of the resnet18 encoder's tensors, the first 'conv1.weight'") as error:
+    with pytest.raises(UserError,
+                       match=r"lacks \d+ of the resnet18 encoder's tensors, the first 'conv1.weight'") as error:
         unet(str(path))
     assert str(path) in str(error.value)
 

@@ -110,7 +110,8 @@ class BaseModelTester:
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)]
         assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
         with torch.no_grad():  # plain NCHW input: the convs' weights carry the layout
-            torch.testing.assert_close(model(self.images((37, 53))), self.build().eval()(self.images((37, 53))), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model(self.images((37, 53))), self.build().eval()(self.images((37, 53))),
+                                       rtol=1e-4, atol=1e-4)
 
     def test_bf16_autocast_forward_and_backward_on_cpu(self):
         model = self.build().train().to(memory_format=torch.channels_last)
@@ -389,7 +390,8 @@ def test_registry_names_match_their_config_tags():
 
 def test_unknown_model_lists_the_valid_names():
     unknown = types.SimpleNamespace(name="unett")
-    with pytest.raises(UserError, match=r"model\.name: unknown model 'unett' \(did you mean 'unet'\?\); valid: pspnet, segnet, unet"):
+    with pytest.raises(UserError, match=r"model\.name: unknown model 'unett' \(did you mean 'unet'\?\); "
+                                        r"valid: pspnet, segnet, unet"):
         create_model(unknown, in_channels=3, out_channels=2)
 
 

@@ -151,14 +151,15 @@ time.sleep(600)  # keeps the actors; nothing waits on them, so losing the probe 
 """
         with run_driver(["-c", code, cluster.head.node_id, probe.node_id], cluster.address,
                         log_path=tmp_path / "probe.log", timeout=240, module=None) as driver:
-            line = wait_for(lambda: [l for l in driver.log().splitlines() if l.startswith("REPORT ")]
+            line = wait_for(lambda: [text for text in driver.log().splitlines() if text.startswith("REPORT ")]
                             or (not driver.running() and driver.tail()), 120, "the probe actors' report", interval=0.3)
             assert isinstance(line, list), f"the probe driver ended early\n{line}"
             on_head, on_probe = json.loads(line[0].removeprefix("REPORT "))
             assert (on_head["node"], on_probe["node"]) == (cluster.head.node_id, probe.node_id)
             assert on_probe["mark"] == "probe" and on_head["mark"] is None, "env_vars reach only their node"
             assert on_probe["ppid"] == probe.raylet_pid and on_probe["pid"] in ray_worker_pids_on(probe, "Where")
-            assert on_head["pid"] not in ray_worker_pids_on(probe) and on_head["pid"] in ray_worker_pids_on(cluster.head)
+            assert on_head["pid"] not in ray_worker_pids_on(probe)
+            assert on_head["pid"] in ray_worker_pids_on(cluster.head)
 
             before = time.time() * 1000
             drain_node(cluster.address, node_id_hex(probe), deadline_s=60)
@@ -234,7 +235,8 @@ def wait_for_new_commit(storage, driver, after: int, what: str) -> int:
 def wait_for_the_group_on(node, storage, driver) -> int:
     """A worker group with a worker on `node` has trained and committed a step of its own; that step."""
     wait_for(lambda: train_worker_pids_on(node) or not driver.running(), 240, f"a worker on {node}", interval=0.3)
-    return wait_for_new_commit(storage, driver, max(committed_steps(storage, RUN)), f"a checkpoint of the group on {node}")
+    return wait_for_new_commit(storage, driver, max(committed_steps(storage, RUN)),
+                               f"a checkpoint of the group on {node}")
 
 
 def kill_at(cluster, node, deadline: float) -> None:
@@ -374,7 +376,8 @@ def test_a_sweep_trial_whose_node_is_drained_resumes_and_never_counts_as_failed(
         code = driver.wait()
     log = driver.log()
     assert code == 0, driver.tail()
-    results = list(csv.DictReader(io.StringIO(storage.read_bytes(storage.path("tune_quickstart", "results.csv")).decode())))
+    results_csv = storage.read_bytes(storage.path("tune_quickstart", "results.csv")).decode()
+    results = list(csv.DictReader(io.StringIO(results_csv)))
     assert [row["status"] for row in results] == ["finished", "finished"], results
     assert "Source: preemption" in log, "the trial's Train run counted a preemption, not a failure"
     assert re.search(r"\] resumed (\w+) from step-\d+", log), "the drained trial resumed from its checkpoint"

@@ -153,7 +153,8 @@ class DataDependent(torch.nn.Module):
 
 
 def test_a_model_the_exporter_cannot_take_says_so(tmp_path):
-    with pytest.raises(UserError, match=r"--export-onnx: the odd model cannot be exported to ONNX by torch.onnx.export \(") as caught:
+    with pytest.raises(UserError, match=r"--export-onnx: the odd model cannot be exported to ONNX "
+                                        r"by torch.onnx.export \(") as caught:
         export_onnx(DataDependent(), torch.randn(1, 3, 8, 8), tmp_path / "odd.onnx", "odd")
     assert "\n" not in str(caught.value)
 
@@ -169,7 +170,8 @@ def rgbd_checkpoint(folder: Path) -> Path:
     model = UNet(4, 3, base_channels=4, depth=2)
     checkpoint.write_local(folder, model.state_dict(), {"progress": {}}, [])
     metrics = {"epoch": 1, "val/miou": 0.5, "val/iou/background": 0.6, "val/iou/pet": 0.5, "val/iou/border": 0.4}
-    meta = checkpoint.build_meta(folder, job=job.model_dump(mode="json"), step=3, epoch=1, metrics=metrics, reason="epoch")
+    meta = checkpoint.build_meta(folder, job=job.model_dump(mode="json"), step=3, epoch=1, metrics=metrics,
+                                 reason="epoch")
     (folder / checkpoint.META_FILE).write_text(json.dumps(meta))
     return folder
 
@@ -177,7 +179,8 @@ def rgbd_checkpoint(folder: Path) -> Path:
 def test_rgbd_models_take_a_depth_file_per_image(images, tmp_path, capsys):
     ckpt = rgbd_checkpoint(tmp_path / "ckpt")
     trained = load_trained(str(ckpt), device="cpu")
-    assert trained.in_channels == 4 and trained.class_names == ["background", "pet", "border"] and trained.datasets is None
+    assert trained.in_channels == 4 and trained.class_names == ["background", "pet", "border"]
+    assert trained.datasets is None
     with Image.open(images[0]) as picture:
         width, height = picture.size
     depth_npy = tmp_path / "d0.npy"
@@ -237,7 +240,8 @@ def test_pet_photos_from_a_checkpoint_on_s3(tmp_path_factory, s3_endpoint, s3_bu
     assert main([f"s3://{s3_bucket}/best", *map(str, photos), "--endpoint-url", s3_endpoint, "--out", str(out),
                  "--data", str(tmp_path / "not-here"), "--no-progress"]) == 0
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["checkpoint"] == f"s3://{s3_bucket}/best" and summary["class_names"] == ["background", "pet", "border"]
+    assert summary["checkpoint"] == f"s3://{s3_bucket}/best"
+    assert summary["class_names"] == ["background", "pet", "border"]
     for photo in photos:
         with Image.open(photo) as original, Image.open(out / f"{photo.stem}.mask.png") as mask:
             assert mask.size == original.size

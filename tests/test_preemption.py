@@ -1,4 +1,5 @@
-"""Preemption notices from fake AWS/GCP metadata servers and real SIGTERMs to child processes, and the one drain each asks for."""
+"""Preemption notices from fake AWS/GCP metadata servers and real SIGTERMs to child processes,
+and the one drain each asks for."""
 
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def test_order_of_sources(aws, gcp, watch):
 
 
 class Drains:
-    """A drain function that records its calls (on Ray: segjob.ray_worker.drain_node_for_preemption)."""
+    """A drain function that records its calls (on Ray: segjob.cluster.worker.drain_node_for_preemption)."""
 
     def __init__(self, accept: bool = True):
         self.accept, self.calls = accept, []

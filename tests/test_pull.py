@@ -1,6 +1,6 @@
 """`python -m segjob.pull`: rank the committed checkpoints of a run or sweep by meta.json, download verified.
 
-No Ray: the sweeps here are written straight into storage with segjob.checkpoint, the way
+No Ray: the sweeps here are written straight into storage with segjob.store.checkpoint, the way
 trials commit them (a local folder, the moto S3 server and the GCS emulator).
 """
 
@@ -28,14 +28,16 @@ SWEEP = {
 }
 
 
-def commit(storage: Storage, run_path: str, job: dict, step: int, epoch: int, miou: float | None) -> checkpoint.CheckpointInfo:
+def commit(storage: Storage, run_path: str, job: dict, step: int, epoch: int,
+           miou: float | None) -> checkpoint.CheckpointInfo:
     """A real (tiny) checkpoint, committed the way the engine commits one: payload, then meta.json."""
     metrics = {"epoch": epoch, "step": step, "train/loss": 1.0 / step}
     if miou is not None:
         metrics |= {"val/miou": miou, "val/loss": 1.0 - miou}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        checkpoint.write_local(folder, {"weight": torch.full((2, 2), float(step))}, {"progress": {"step": step}}, [metrics])
+        checkpoint.write_local(folder, {"weight": torch.full((2, 2), float(step))}, {"progress": {"step": step}},
+                               [metrics])
         meta = checkpoint.build_meta(folder, job=job, step=step, epoch=epoch, metrics=metrics, reason="epoch")
         return checkpoint.commit(storage, run_path, folder, meta)
 
@@ -74,7 +76,8 @@ def test_ranks_across_trials_and_pulls_the_best_verified(tmp_path, capsys):
 
 def test_top_k_metric_and_mode_and_list(tmp_path, capsys):
     write_sweep(str(tmp_path / "sweep"))
-    assert pull(tmp_path / "sweep", "--top", "2", "--metric", "val/loss", "--mode", "min", "--to", tmp_path / "top") == 0
+    assert pull(tmp_path / "sweep", "--top", "2", "--metric", "val/loss", "--mode", "min",
+                "--to", tmp_path / "top") == 0
     folders = sorted(p.name for p in (tmp_path / "top").iterdir())
     assert folders == ["01-a1a1a1a1-step-000000008", "02-b2b2b2b2-step-000000008", PULLED_FILE]
     for folder in folders[:2]:
@@ -156,7 +159,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "no committed checkpoints found" in capsys.readouterr().err
     write_sweep(str(tmp_path / "sweep"))
     assert pull(tmp_path / "sweep", "--metric", "val/dice") == 2
-    assert "no checkpoint carries 'val/dice'; metrics seen: epoch, step, train/loss, val/loss, val/miou" in capsys.readouterr().err
+    assert ("no checkpoint carries 'val/dice'; metrics seen: epoch, step, train/loss, val/loss, val/miou"
+            in capsys.readouterr().err)
 
 
 def test_works_without_ray(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from segjob.engine import loop
 from segjob.engine.session import LocalSession
 from segjob.job.load import load_job
-from segjob.store import checkpoint
+from segjob.store import checkpoint, run_folder
 from segjob.store.storage import open_storage
 from segjob.train import main
 
@@ -48,7 +48,7 @@ def test_quickstart_on_s3_commits_resumes_and_finishes(ray_cluster, s3_endpoint,
     assert epoch_ends == [1, 2], "epoch 1 was not trained again"
     steps = [r["step"] for r in loaded.history if "train/step_loss" in r]
     assert steps == list(range(1, final.step + 1))
-    assert json.loads(storage.read_bytes(f"{run_path}/{loop.DONE_FILE}"))["epochs"] == 2
+    assert json.loads(storage.read_bytes(f"{run_path}/{run_folder.DONE_FILE}"))["epochs"] == 2
 
     assert train(*storage_args, "train.epochs=2") == 0
     assert "already finished" in capsys.readouterr().err
@@ -56,7 +56,8 @@ def test_quickstart_on_s3_commits_resumes_and_finishes(ray_cluster, s3_endpoint,
 
 
 def test_engine_without_ray_matches_one_ray_worker(ray_cluster, tmp_path):
-    common = [*SMALL, "train.epochs=1", "train.max_steps_per_epoch=2", "scaling.num_workers=1", "scaling.torch_threads=1"]
+    common = [*SMALL, "train.epochs=1", "train.max_steps_per_epoch=2", "scaling.num_workers=1",
+              "scaling.torch_threads=1"]
     assert train(*common[len(SMALL):], f"storage.uri={tmp_path / 'ray'}") == 0
     job = load_job("jobs/quickstart.yaml", [*common, f"storage.uri={tmp_path / 'local'}"])
     loop.run(job, LocalSession("cpu"))

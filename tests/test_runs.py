@@ -36,7 +36,8 @@ def test_a_resubmission_that_changes_the_result_is_refused_naming_the_keys(stora
     path = storage.path("run")
     run_folder.check_same_job(storage, path, job(), "jobs/run.yaml")
     with pytest.raises(UserError) as caught:
-        run_folder.check_same_job(storage, path, job(optim={"lr": 0.5}, model={"name": "unet", "depth": 3}), "jobs/run.yaml")
+        run_folder.check_same_job(storage, path, job(optim={"lr": 0.5}, model={"name": "unet", "depth": 3}),
+                                  "jobs/run.yaml")
     message = str(caught.value)
     assert message.startswith("jobs/run.yaml: run 'run' already exists")
     assert "model.depth (4 -> 3)" in message and "optim.lr (0.001 -> 0.5)" in message and "--restart" in message

@@ -88,5 +88,6 @@ def test_too_small_a_dataset_is_a_clear_error():
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_evaluation_sees_every_sample_exactly_once(world_size):
-    seen = [index for rank in range(world_size) for batch in EvalBatchSampler(10, 3, rank, world_size) for _, index in batch]
+    seen = [index for rank in range(world_size) for batch in EvalBatchSampler(10, 3, rank, world_size)
+            for _, index in batch]
     assert sorted(seen) == list(range(10))

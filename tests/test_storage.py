@@ -20,7 +20,7 @@ from segjob.store.storage import is_transient, open_storage, retry, worker_env_v
 BACKENDS = ["local", "s3", "gcs"]
 
 
-def _open(request, backend: str, base) -> "storage_module.Storage":
+def _open(request, backend: str, base) -> storage_module.Storage:
     if backend == "local":
         return open_storage(str(base / "runs"))
     if backend == "s3":

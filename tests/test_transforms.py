@@ -43,7 +43,8 @@ def coordinate_sample(height: int = 56, width: int = 72) -> dict:
     centres as colours (resampled bilinearly), the mask the source column, the depth the source
     row + 1 (both nearest). After any geometry, the image's coordinates and the mask's and depth's
     must name the same source pixel."""
-    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                          indexing="ij")
     image = torch.stack([x + 0.5, y + 0.5, torch.zeros_like(x)])
     return {
         "image": tv_tensors.Image(image),
@@ -83,7 +84,8 @@ def block_sample(size: int = 64, block: int = 8) -> tuple[dict, torch.Tensor]:
     labels = torch.arange(cells * cells).view(cells, cells) % 4  # rows 0 1 2 3: a flip or shift shows
     mask = labels.repeat_interleave(block, 0).repeat_interleave(block, 1)
     image = palette[mask].permute(2, 0, 1).contiguous()
-    sample = {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask.to(torch.uint8)), "depth": Depth(mask[None].float() + 1)}
+    sample = {"image": tv_tensors.Image(image), "mask": tv_tensors.Mask(mask.to(torch.uint8)),
+              "depth": Depth(mask[None].float() + 1)}
     return sample, palette
 
 
@@ -95,7 +97,8 @@ def test_a_mask_derived_from_the_image_matches_the_transformed_mask(name):
     height, width = mask.shape
     derived = torch.cdist(image.permute(1, 2, 0).reshape(-1, 3), palette).argmin(1).view(height, width)
     # bilinear blends colours at block edges: compare where the 3x3 neighbourhood has one label
-    neighbourhood = torch_f.unfold(torch_f.pad(mask[None, None].float(), (1, 1, 1, 1), mode="replicate"), 3).view(9, height, width)
+    padded = torch_f.pad(mask[None, None].float(), (1, 1, 1, 1), mode="replicate")
+    neighbourhood = torch_f.unfold(padded, 3).view(9, height, width)
     interior = (neighbourhood == mask.float()).all(0) & (mask != IGNORE_INDEX)
     assert interior.float().mean() > 0.15
     assert torch.equal(derived[interior], mask[interior].long())
@@ -125,9 +128,11 @@ def test_evaluation_resize_keeps_the_label_set_and_is_deterministic(size, resize
 
 def test_padding_fills_masks_with_ignore_images_and_depth_with_zero():
     sample = {"image": tv_tensors.Image(torch.full((3, 10, 20), 200, dtype=torch.uint8)),
-              "mask": tv_tensors.Mask(torch.ones(10, 20, dtype=torch.uint8)), "depth": Depth(torch.full((1, 10, 20), 3.0))}
+              "mask": tv_tensors.Mask(torch.ones(10, 20, dtype=torch.uint8)),
+              "depth": Depth(torch.full((1, 10, 20), 3.0))}
     out = PadTo(20)(sample, None)
-    assert out["image"].shape == (3, 20, 20) and (out["image"][:, 10:] == 0).all() and (out["image"][:, :10] == 200).all()
+    assert out["image"].shape == (3, 20, 20)
+    assert (out["image"][:, 10:] == 0).all() and (out["image"][:, :10] == 200).all()
     assert (out["mask"][10:] == IGNORE_INDEX).all() and (out["mask"][:10] == 1).all()
     assert (out["depth"][0, 10:] == 0).all() and type(out["depth"]) is Depth
 
@@ -151,13 +156,16 @@ def test_strength_scales_every_range_and_zero_is_the_flip_alone():
     geometry, flip, jitter, blur, sharpness, _ = half.steps
     # the documented point: the NYUv2 report's tuned values
     assert geometry.scale == pytest.approx((0.9, 1.0)) and geometry.rotation == pytest.approx(3.0)
-    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx((0.05, 0.05, 0.05, 0.02))
+    assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == pytest.approx(
+        (0.05, 0.05, 0.05, 0.02))
     assert blur.max_sigma == pytest.approx(0.5) and sharpness.amount == pytest.approx(0.25)
     assert flip.probability == 0.5  # not scaled
 
-    pspnet = AugmentConfig(strength=1.0, scale=(0.5, 2.0), rotation=10, brightness=0, contrast=0, saturation=0, hue=0, sharpness=0)
+    pspnet = AugmentConfig(strength=1.0, scale=(0.5, 2.0), rotation=10, brightness=0, contrast=0, saturation=0, hue=0,
+                           sharpness=0)
     steps = build_transform(SyntheticData(image_size=32, augment=pspnet), train=True).steps
-    assert [type(step).__name__ for step in steps] == ["RandomGeometry", "RandomHorizontalFlip", "GaussianBlur", "Normalize"]
+    assert [type(step).__name__ for step in steps] == [
+        "RandomGeometry", "RandomHorizontalFlip", "GaussianBlur", "Normalize"]
     assert steps[0].scale == (0.5, 2.0) and steps[0].rotation == 10
     assert photometric_steps(AugmentConfig(strength=0.0)) == []
 
@@ -211,4 +219,5 @@ def test_decode_size_covers_the_largest_zoom(resize, scale, expected):
     augment = AugmentConfig(strength=1.0, scale=scale)
     transform = build_transform(SyntheticData(image_size=64, resize=resize, augment=augment), train=True)
     assert transform.decode_size(1280, 960) == expected
-    assert build_transform(SyntheticData(image_size=64, resize=resize, augment=augment), train=False).decode_size(1280, 960)[0] == 64
+    evaluation = build_transform(SyntheticData(image_size=64, resize=resize, augment=augment), train=False)
+    assert evaluation.decode_size(1280, 960)[0] == 64

@@ -62,7 +62,8 @@ def error_of(path: Path, *overrides: str) -> str:
 
 
 def test_a_sweep_is_a_job_plus_its_search(sweep_file, tmp_path):
-    sweep = load_sweep(sweep_file, ["train.epochs=2", "tune.num_samples=6", "tune.space.optim.lr={uniform: [0.001, 0.01]}"])
+    sweep = load_sweep(sweep_file,
+                       ["train.epochs=2", "tune.num_samples=6", "tune.space.optim.lr={uniform: [0.001, 0.01]}"])
     assert (sweep.name, sweep.job.train.epochs, sweep.tune.num_samples) == ("tiny_sweep", 2, 6)
     assert sweep.tune.space["optim.lr"] == Dimension("float", 0.001, 0.01)
     assert (sweep.metric, sweep.mode, sweep.max_epochs) == ("val/miou", "max", 2)
@@ -71,14 +72,16 @@ def test_a_sweep_is_a_job_plus_its_search(sweep_file, tmp_path):
     job = sweep.trial_job("a1b2c3d4", {"optim.lr": 0.005, "model.base_channels": 16, "optim.name": "sgd"})
     assert (job.name, job.optim.lr, job.model.base_channels, job.optim.name) == ("a1b2c3d4", 0.005, 16, "sgd")
     assert job.storage.uri == sweep.trials_uri() and job.train.epochs == 2 and job.model.depth == 2
-    assert load_sweep(sweep_file, ["tune.metric=val/loss", "tune.mode=min"]).trial_job("t", {}).metric.name == "val/loss"
+    by_loss = load_sweep(sweep_file, ["tune.metric=val/loss", "tune.mode=min"])
+    assert by_loss.trial_job("t", {}).metric.name == "val/loss"
 
 
 @pytest.mark.parametrize("override, message", [
     ("tune.space.optim.lrr={loguniform: [1.0e-4, 1.0e-2]}",
      "tune.space.optim.lrr=0.0001 does not make a valid job: optim.lrr: unknown key (did you mean 'lr'?)"),
     ("tune.space.optim.name={choice: [adam, adamx]}",
-     "tune.space.optim.name='adamx' does not make a valid job: optim.name: 'adamx' is not allowed (did you mean 'adam'?)"),
+     "tune.space.optim.name='adamx' does not make a valid job: "
+     "optim.name: 'adamx' is not allowed (did you mean 'adam'?)"),
     ("tune.space.model.base_channels={choice: [2, 8]}", "tune.space.model.base_channels=2 does not make a valid job"),
     ("tune.space.model.depth={integer: [1, 9]}", "tune.space.model.depth=9 does not make a valid job"),
     ("tune.space.optim.lr={loguniform: [1e-4, 1e-2]}", "write exponents with a dot, 1.0e-4 (YAML reads 1e-4 as text)"),
@@ -94,7 +97,8 @@ def test_a_sweep_is_a_job_plus_its_search(sweep_file, tmp_path):
     ("tune.metric=val/lost", "tune.metric: must be one of"),
     ("tune.points_to_evaluate=[{optim.lr: 0.5, model.base_channels: 8, optim.name: adam}]",
      "tune.points_to_evaluate[1]: optim.lr=0.5 is outside its space (log-uniform floats in [0.0001, 0.01])"),
-    ("tune.points_to_evaluate=[{optim.lr: 0.001}]", "tune.points_to_evaluate[1]: no value for model.base_channels, optim.name"),
+    ("tune.points_to_evaluate=[{optim.lr: 0.001}]",
+     "tune.points_to_evaluate[1]: no value for model.base_channels, optim.name"),
     ("train.epochz=2", "(--set train.epochz=2): train.epochz: unknown key (did you mean 'epochs'?)"),
 ])
 def test_a_bad_search_is_one_line_before_anything_starts(sweep_file, override, message):
@@ -217,11 +221,13 @@ def test_a_resubmitted_sweep_must_search_the_same_way(sweep_file, tmp_path):
     sweep_path = storage.path("tiny_sweep")
     tune.check_same_sweep(storage, sweep_path, load_sweep(sweep_file))
     # what moves or scales the trials may change; what they compute or how they are searched may not
-    tune.check_same_sweep(storage, sweep_path, load_sweep(sweep_file, ["scaling.num_workers=2", "failure.max_failures=5"]))
+    tune.check_same_sweep(storage, sweep_path,
+                          load_sweep(sweep_file, ["scaling.num_workers=2", "failure.max_failures=5"]))
     for override, shown in (("tune.num_samples=8", "tune.num_samples (4 -> 8)"),
                             ("optim.weight_decay=0.1", "optim.weight_decay (0.0 -> 0.1)"),
                             ("train.epochs=5", "train.epochs (3 -> 5)")):
-        with pytest.raises(UserError, match=r"already exists .* with a different " + shown.replace("(", r"\(").replace(")", r"\)")):
+        pattern = r"already exists .* with a different " + shown.replace("(", r"\(").replace(")", r"\)")
+        with pytest.raises(UserError, match=pattern):
             tune.check_same_sweep(storage, sweep_path, load_sweep(sweep_file, [override]))
 
 
@@ -249,7 +255,8 @@ def write_trial(storage, sweep, trial_id, params, values):
         metrics = {"epoch": epoch, "step": epoch * 2, "val/loss": 1 - miou, "val/miou": miou}
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.write_local(Path(tmp), {"w": torch.zeros(1)}, {}, [metrics])
-            meta = checkpoint.build_meta(Path(tmp), job=job, step=epoch * 2, epoch=epoch, metrics=metrics, reason="epoch")
+            meta = checkpoint.build_meta(Path(tmp), job=job, step=epoch * 2, epoch=epoch, metrics=metrics,
+                                         reason="epoch")
             checkpoint.commit(storage, storage.path(TRIALS_DIR, trial_id), Path(tmp), meta)
 
 
@@ -257,9 +264,11 @@ def test_results_table_csv_best_and_plot(sweep_file, tmp_path):
     sweep = load_sweep(sweep_file)
     storage = open_storage(str(tmp_path / "runs" / "tiny_sweep"))
     trials = {
-        "aaaa1111": ({"optim.lr": 0.003, "model.base_channels": 16, "optim.name": "adam"}, [0.30, 0.45, 0.52], "finished"),
+        "aaaa1111": ({"optim.lr": 0.003, "model.base_channels": 16, "optim.name": "adam"}, [0.30, 0.45, 0.52],
+                     "finished"),
         "bbbb2222": ({"optim.lr": 0.0002, "model.base_channels": 8, "optim.name": "sgd"}, [0.12], "stopped early"),
-        "cccc3333": ({"optim.lr": 0.008, "model.base_channels": 8, "optim.name": "adam"}, [0.33, 0.41], "stopped early"),
+        "cccc3333": ({"optim.lr": 0.008, "model.base_channels": 8, "optim.name": "adam"}, [0.33, 0.41],
+                     "stopped early"),
     }
     for trial_id, (params, values, _) in trials.items():
         write_trial(storage, sweep, trial_id, params, values)
@@ -285,7 +294,8 @@ def test_results_table_csv_best_and_plot(sweep_file, tmp_path):
     assert best["pull"] == "python -m segjob.pull s3://b/runs/tiny_sweep --to ./best"
     json.dumps(best)
 
-    assert set(sweep_report.param_importances([r for r in rows if r.best_value is not None], sweep)) == set(sweep.tune.space)
+    scored = [r for r in rows if r.best_value is not None]
+    assert set(sweep_report.param_importances(scored, sweep)) == set(sweep.tune.space)
     png = sweep_report.search_plot(rows, sweep)
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert sweep_report.search_plot(rows[3:], sweep).startswith(b"\x89PNG"), "nothing scored yet: still a picture"

@@ -3,7 +3,7 @@
     run = synthetic_run(tmp_path_factory)        # TinyRun: storage root, run folder, checkpoint folder
     run = pets_run(tmp_path_factory)              # skips when ../shared/data is absent
 
-Each is trained by `segjob.engine.run(job, LocalSession())` at toy sizes, the first time a
+Each is trained by `segjob.engine.loop.run(job, LocalSession())` at toy sizes, the first time a
 test asks for it in this process; later callers get the same folders.
 """
 

@@ -32,7 +32,7 @@ RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
 def runtime_env() -> dict[str, Any]:
-    """What every Ray worker process needs: storage settings, and segjob.ray_setup's hook (its own
+    """What every Ray worker process needs: storage settings, and segjob.cluster.process_setup's hook (its own
     cluster's address for Ray's state API, and segjob's SIGTERM handler).
 
     The handler must be installed at process level: Train V2 runs the training function in a

@@ -57,15 +57,18 @@ def check_data(cfg: DataBase, seed: int, limit: int | None = None, workers: int 
     return check_datasets({"train": train, "val": val}, limit, workers)
 
 
-def check_datasets(datasets: dict[str, SegmentationDataset], limit: int | None = None, workers: int | None = None) -> DataReport:
+def check_datasets(datasets: dict[str, SegmentationDataset], limit: int | None = None,
+                   workers: int | None = None) -> DataReport:
     started = time.perf_counter()
-    tasks = [(split, dataset, index) for split, dataset in datasets.items() for index in range(min(len(dataset), limit or len(dataset)))]
+    tasks = [(split, dataset, index) for split, dataset in datasets.items()
+             for index in range(min(len(dataset), limit or len(dataset)))]
     problems = [Problem(split, None, "is empty: no sample listed; check the list files and data.exclude")
                 for split, dataset in datasets.items() if len(dataset) == 0]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segjob-check") as pool:
         for found in pool.map(_inspect, tasks):
             problems += found
-    return DataReport(problems, {split: len(d) for split, d in datasets.items()}, len(tasks), time.perf_counter() - started)
+    return DataReport(problems, {split: len(d) for split, d in datasets.items()}, len(tasks),
+                      time.perf_counter() - started)
 
 
 def _inspect(task: tuple[str, SegmentationDataset, int]) -> list[Problem]:
@@ -83,14 +86,16 @@ def preflight(job: JobConfig, skip_bad: bool = False) -> None:
     report = check_data(job.data, job.seed)
     log.info(report.summary())
     if report.warnings:
-        log.warning("data: %d warnings, the first: %s (python -m segjob.check lists them all)", len(report.warnings), report.warnings[0])
+        log.warning("data: %d warnings, the first: %s (python -m segjob.check lists them all)",
+                    len(report.warnings), report.warnings[0])
     if not report.errors:
         return
     whole_split = [problem for problem in report.errors if problem.sample is None]
     skippable = not whole_split and hasattr(job.data, "exclude")
     if not (skip_bad and skippable):
         hint = ", or pass --skip-bad to train without them" if skippable else ""
-        raise UserError(f"data: {len(report.bad_samples) or len(whole_split)} problem(s), the first: {report.errors[0]}; "
+        raise UserError(f"data: {len(report.bad_samples) or len(whole_split)} problem(s), "
+                        f"the first: {report.errors[0]}; "
                         f"python -m segjob.check on the job lists them all; fix or remove the files{hint}")
     for problem in report.errors:
         log.warning("--skip-bad: leaving out the sample because of %s", problem)

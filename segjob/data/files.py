@@ -64,7 +64,8 @@ def read_image(path: Path, decode_size: DecodeSize | None = None) -> tuple[tv_te
     return tv_tensors.Image(torch.from_numpy(array).permute(2, 0, 1)), original
 
 
-def read_labels(path: Path, coding: LabelCoding, grid: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def read_labels(path: Path, coding: LabelCoding,
+                grid: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """Label values as stored ([H, W] for index codings, [H, W, 3] for colour ones) and the
     file's (width, height). With `grid` (width, height) smaller than the file, the values are
     first resampled onto it with nearest (pixel centres, as the image's draft decoding keeps
@@ -114,9 +115,11 @@ def inspect_image(path: Path, decode_size: DecodeSize | None = None) -> tuple[tu
             if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in file.info):
                 findings.append(Finding(f"image {path} has an alpha channel ({mode}); it is dropped", fatal=False))
             elif mode == "CMYK":
-                findings.append(Finding(f"image {path} is CMYK; it is converted to RGB, colours may shift", fatal=False))
+                findings.append(Finding(f"image {path} is CMYK; it is converted to RGB, colours may shift",
+                                        fatal=False))
             elif mode.startswith(("I", "F")):
-                return size, [Finding(f"image {path} has {mode} pixels (16-bit or float); expected 8-bit RGB or greyscale")]
+                return size, [Finding(f"image {path} has {mode} pixels (16-bit or float); "
+                                      "expected 8-bit RGB or greyscale")]
             if decode_size is not None:
                 file.draft("RGB", decode_size(*size))
             file.load()  # the whole file: a truncated one fails here
@@ -136,7 +139,8 @@ def inspect_labels(path: Path, coding: LabelCoding, kind: str = "mask") -> tuple
         with Image.open(path) as file:
             size = file.size
             if file.format == "JPEG":
-                findings.append(Finding(f"{kind} {path} is a JPEG: lossy compression changes label values at edges; save it as PNG"))
+                findings.append(Finding(f"{kind} {path} is a JPEG: lossy compression changes label values at edges; "
+                                        "save it as PNG"))
             if not coding.colour and file.mode in ("RGB", "RGBA"):
                 findings.append(Finding(f"{kind} {path} repeats its labels in every colour channel ({file.mode}); "
                                         "an 8-bit L or P PNG is expected", fatal=False))
@@ -162,7 +166,8 @@ def label_value_findings(raw: np.ndarray, coding: LabelCoding, what: str) -> lis
     return []
 
 
-def size_mismatch(image_path: Path, image_size: tuple[int, int], label_path: Path, label_size: tuple[int, int], kind: str) -> str:
+def size_mismatch(image_path: Path, image_size: tuple[int, int], label_path: Path, label_size: tuple[int, int],
+                  kind: str) -> str:
     return (f"image {image_path} is {image_size[0]}x{image_size[1]} but its {kind} {label_path} is "
             f"{label_size[0]}x{label_size[1]}; fix or remove the pair")
 

@@ -52,7 +52,8 @@ def list_images(folder: Path) -> dict[str, Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
         if path.stem in images:
-            raise UserError(f"data: {images[path.stem].name} and {path.name} in {folder} share the name '{path.stem}'; keep one")
+            raise UserError(f"data: {images[path.stem].name} and {path.name} in {folder} "
+                            f"share the name '{path.stem}'; keep one")
         images[path.stem] = path
     return images
 
@@ -75,6 +76,8 @@ def build(cfg: FolderData, seed: int) -> tuple[FolderDataset, FolderDataset]:
     def kept(images: dict[str, Path]) -> dict[str, Path]:
         return {name: images[name] for name in without(list(images), cfg.exclude)}
 
-    train = FolderDataset(kept(train_images), train_masks, cfg, transform=build_transform(cfg, train=True), seed=seed, train=True)
-    val = FolderDataset(kept(val_images), val_masks, cfg, transform=build_transform(cfg, train=False), seed=seed, train=False)
+    train = FolderDataset(kept(train_images), train_masks, cfg, transform=build_transform(cfg, train=True),
+                          seed=seed, train=True)
+    val = FolderDataset(kept(val_images), val_masks, cfg, transform=build_transform(cfg, train=False),
+                        seed=seed, train=False)
     return train, val

@@ -74,6 +74,8 @@ def build(cfg: LeafData, seed: int) -> tuple[LeafDataset, LeafDataset]:
     def subset(names: list[str]) -> dict[str, Path]:
         return {name: images[name] for name in sorted(without(names, cfg.exclude), key=natural_key)}
 
-    train = LeafDataset(root, subset(train_names), cfg.soft_targets, transform=build_transform(cfg, train=True), seed=seed, train=True)
-    val = LeafDataset(root, subset(val_names), False, transform=build_transform(cfg, train=False), seed=seed, train=False)
+    train = LeafDataset(root, subset(train_names), cfg.soft_targets, transform=build_transform(cfg, train=True),
+                        seed=seed, train=True)
+    val = LeafDataset(root, subset(val_names), False, transform=build_transform(cfg, train=False),
+                      seed=seed, train=False)
     return train, val

@@ -46,7 +46,8 @@ CLASS_NAMES = {
         "person", "night_stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture",
         "otherprop",
     ],
-    13: ["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa", "table", "tv", "wall", "window"],
+    13: ["bed", "books", "ceiling", "chair", "floor", "furniture", "objects", "picture", "sofa", "table", "tv",
+         "wall", "window"],
 }  # fmt: skip
 LAYOUT = "HDF5 (MATLAB v7.3) with images (N, 3, W, H), depths (N, W, H) and labels (N, W, H)"
 
@@ -54,7 +55,8 @@ LAYOUT = "HDF5 (MATLAB v7.3) with images (N, 3, W, H), depths (N, W, H) and labe
 class NYUv2Dataset(SegmentationDataset):
     in_channels = 4
 
-    def __init__(self, path: Path, frames: list[int], coding: IndexCoding, classes: int, transform: JointTransform, seed: int, train: bool):
+    def __init__(self, path: Path, frames: list[int], coding: IndexCoding, classes: int, transform: JointTransform,
+                 seed: int, train: bool):
         super().__init__(transform, seed, train)
         self.path, self.frames, self.coding = Path(path), list(frames), coding
         self.class_names = list(CLASS_NAMES[classes])
@@ -88,7 +90,8 @@ class NYUv2Dataset(SegmentationDataset):
         try:
             image, depth, labels = self.read_frame(index)
         except (OSError, KeyError, ValueError) as error:
-            raise UserError(f"nyuv2 sample '{self.sample_name(index)}': cannot read it from {self.path} ({error})") from None
+            raise UserError(f"nyuv2 sample '{self.sample_name(index)}': "
+                            f"cannot read it from {self.path} ({error})") from None
         return {
             "image": tv_tensors.Image(torch.from_numpy(image)),
             "depth": Depth(torch.from_numpy(depth)[None]),
@@ -103,7 +106,8 @@ class NYUv2Dataset(SegmentationDataset):
             return [Finding(f"{where} cannot be read ({type(error).__name__}: {error})")]
         findings = []
         if not image.shape[1:] == depth.shape == labels.shape:
-            findings.append(Finding(f"{where}: image {image.shape[1:]}, depth {depth.shape} and labels {labels.shape} differ in size"))
+            findings.append(Finding(f"{where}: image {image.shape[1:]}, depth {depth.shape} "
+                                    f"and labels {labels.shape} differ in size"))
         if not np.isfinite(depth).all() or (depth < 0).any():
             findings.append(Finding(f"{where}: depth has NaN, infinite or negative values"))
         return findings + label_value_findings(labels, self.coding, f"labels of {where}")
@@ -134,7 +138,8 @@ def read_mat_variable(path: Path, key: str, fix: str) -> np.ndarray:
         raise UserError(f"{path}: not a readable .mat file ({error})") from None
     while value.dtype.names:  # a MATLAB struct: take its first numeric field
         record = value.flat[0]
-        value = next((np.asarray(record[name]) for name in value.dtype.names if np.asarray(record[name]).dtype.kind in "iuf"), None)
+        value = next((np.asarray(record[name]) for name in value.dtype.names
+                      if np.asarray(record[name]).dtype.kind in "iuf"), None)
         if value is None:
             raise UserError(f"{path}: the struct '{key}' has no numeric field")
     if value.dtype == object:  # a cell holding one array
@@ -165,7 +170,8 @@ def label_coding(cfg: NYUv2Data) -> IndexCoding:
 def _apply(labels: np.ndarray, table: np.ndarray, classes: int, path: Path) -> np.ndarray:
     """labels (0 = none) through a table indexed from 1, onto 1..classes (0 = none)."""
     if len(table) < labels.max():
-        raise UserError(f"{path}: maps {len(table)} labels, but labels go up to {labels.max()} here; is it the right file?")
+        raise UserError(f"{path}: maps {len(table)} labels, but labels go up to {labels.max()} here; "
+                        "is it the right file?")
     if table.min() < 0 or table.max() > classes:
         raise UserError(f"{path}: maps onto {table.min()}..{table.max()}, expected 1..{classes}; is it the right file?")
     return np.concatenate([[0], table])[labels]
@@ -176,7 +182,8 @@ def companion(cfg: NYUv2Data, given: str | None, default_name: str, key: str) ->
     location = given or f"{cfg.path.rsplit('/', 1)[0] if '/' in cfg.path else '.'}/{default_name}"
     path = local_file(location, cfg.endpoint_url)
     if not path.is_file():
-        raise UserError(f"data.{key}: {location} not found; give the path of NYUv2's {default_name} (or its equivalent) in data.{key}")
+        raise UserError(f"data.{key}: {location} not found; "
+                        f"give the path of NYUv2's {default_name} (or its equivalent) in data.{key}")
     return path
 
 
@@ -201,7 +208,8 @@ def official_frames(path: Path, frames: int) -> tuple[list[int], list[int]]:
     train, test = (read_mat_variable(path, key, fix) - 1 for key in ("trainNdxs", "testNdxs"))
     for name, indices in (("trainNdxs", train), ("testNdxs", test)):
         if len(indices) and (indices.min() < 0 or indices.max() >= frames):
-            raise UserError(f"{path}: {name} runs outside the labelled file's frames 1..{frames}; is it the right splits.mat?")
+            raise UserError(f"{path}: {name} runs outside the labelled file's frames 1..{frames}; "
+                            "is it the right splits.mat?")
     return train.tolist(), test.tolist()
 
 

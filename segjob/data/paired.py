@@ -93,7 +93,8 @@ class PairedFileDataset(SegmentationDataset):
         except READ_ERRORS as error:
             raise UserError(f"{self.who(name)}: cannot read {path} ({error})") from None
         if label_size != original:
-            raise UserError(f"{self.who(name)}: {size_mismatch(self.image_path(name), original, path, label_size, self.label_kind)}")
+            mismatch = size_mismatch(self.image_path(name), original, path, label_size, self.label_kind)
+            raise UserError(f"{self.who(name)}: {mismatch}")
         mask = tv_tensors.Mask(torch.from_numpy(self.coding.decode(raw)))
         return {"image": image, "mask": resize(mask, list(image.shape[-2:]))}  # a no-op unless a .mat mask
 

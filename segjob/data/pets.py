@@ -62,8 +62,10 @@ def build(cfg: PetsData, seed: int) -> tuple[PetsDataset, PetsDataset]:
         train_names, val_names = random_split(sorted(set(trainval) | set(test)), cfg.val_fraction, seed)
 
     common = dict(root=root, classes=cfg.classes, seed=seed)
-    train = PetsDataset(names=without(train_names, cfg.exclude), transform=build_transform(cfg, train=True), train=True, **common)
-    val = PetsDataset(names=without(val_names, cfg.exclude), transform=build_transform(cfg, train=False), train=False, **common)
+    train = PetsDataset(names=without(train_names, cfg.exclude), transform=build_transform(cfg, train=True),
+                        train=True, **common)
+    val = PetsDataset(names=without(val_names, cfg.exclude), transform=build_transform(cfg, train=False),
+                      train=False, **common)
     return train, val
 
 

@@ -27,7 +27,8 @@ def read_names(path: Path, layout: str = "") -> list[str]:
     if not path.is_file():
         hint = f"; the layout under root is {layout}" if layout else ""
         raise UserError(f"data: {path} not found{hint}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.split()[0] for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def random_split(names: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -63,7 +63,8 @@ class SyntheticShapes(SegmentationDataset):
 
 def build(cfg: SyntheticData, seed: int) -> tuple[SyntheticShapes, SyntheticShapes]:
     common = dict(num_classes=cfg.num_classes, image_size=cfg.image_size, seed=seed)
-    train = SyntheticShapes("train", cfg.train_samples, transform=build_transform(cfg, train=True), train=True, **common)
+    train = SyntheticShapes("train", cfg.train_samples, transform=build_transform(cfg, train=True), train=True,
+                            **common)
     val = SyntheticShapes("val", cfg.val_samples, transform=build_transform(cfg, train=False), train=False, **common)
     return train, val
 
@@ -82,7 +83,8 @@ def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
 def _upsample_weights(size: int, cells: int) -> np.ndarray:
     """(size, cells) bilinear weights: W @ grid @ W.T stretches a cells x cells grid to size x size."""
     positions = np.linspace(0, cells - 1, size, dtype=np.float32)
-    return np.stack([np.interp(positions, np.arange(cells), np.eye(cells)[c]) for c in range(cells)], 1).astype(np.float32)
+    columns = [np.interp(positions, np.arange(cells), np.eye(cells)[c]) for c in range(cells)]
+    return np.stack(columns, 1).astype(np.float32)
 
 
 def _random_colour(rng: np.random.Generator) -> np.ndarray:

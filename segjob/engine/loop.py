@@ -46,7 +46,6 @@ from segjob.learning.optim import Schedule, build_optimizer, current_lr
 from segjob.models import create_model
 from segjob.models.batchnorm import sync_batchnorm
 from segjob.store import checkpoint, run_folder
-from segjob.store.run_folder import DONE_FILE  # noqa: F401 - callers find the run's finished marker here
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -329,8 +328,8 @@ def training_loss(worker: Worker, outputs: torch.Tensor | dict[str, torch.Tensor
     if not isinstance(outputs, dict):
         return worker.loss_fn(outputs, targets)
     loss = worker.loss_fn(outputs["out"], targets)
-    if "aux" in outputs:
-        loss = loss + getattr(worker.job.model, "aux_weight", 0.0) * worker.loss_fn(outputs["aux"], targets)
+    if "aux" in outputs:  # only a model whose section has aux_weight builds an auxiliary head
+        loss = loss + worker.job.model.aux_weight * worker.loss_fn(outputs["aux"], targets)
     return loss
 
 

@@ -24,7 +24,8 @@ ASSD (average symmetric surface distance, in pixels at the evaluated resolution)
 Heimann et al. 2009 and MONAI: the surface of a mask is its pixels with a 4-neighbour
 outside it (the image edge counts as outside); ASSD = (sum of Euclidean distances from
 each predicted surface pixel to the nearest true one + the same the other way) / (number
-of surface pixels of both). Pooled over both directions, unlike medpy's mean of the two means. Predictions on ignored pixels are left out, as in the matrix.
+of surface pixels of both). Pooled over both directions, unlike medpy's mean of the two means.
+Predictions on ignored pixels are left out, as in the matrix.
 Empty masks: both empty -> nan (no score; skipped by means, like IoU); exactly one empty
 -> the image diagonal, the largest distance the image allows, so a missed or imagined
 object counts as the worst case instead of vanishing from the mean.
@@ -44,7 +45,8 @@ from scipy.spatial import cKDTree
 from segjob.data.labels import IGNORE_INDEX
 
 
-def _cells(target: torch.Tensor, prediction: torch.Tensor, num_classes: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _cells(target: torch.Tensor, prediction: torch.Tensor, num_classes: int,
+           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(target*K + prediction, counted), both [N, H*W], for label maps [N, H, W]; checks the labels."""
     if target.shape != prediction.shape:
         raise ValueError(f"target {tuple(target.shape)} and prediction {tuple(prediction.shape)} differ in shape")
@@ -219,7 +221,8 @@ def assd(prediction: np.ndarray, target: np.ndarray) -> float:
     return float((to_true.sum() + to_predicted.sum()) / (to_true.size + to_predicted.size))
 
 
-def assd_per_class(target: np.ndarray, prediction: np.ndarray, num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+def assd_per_class(target: np.ndarray, prediction: np.ndarray, num_classes: int,
+                   ignore_index: int = IGNORE_INDEX) -> np.ndarray:
     """ASSD of every class for one image: float64 [K] from label maps [H, W]."""
     labelled = target != ignore_index
     return np.array([assd((prediction == c) & labelled, target == c) for c in range(num_classes)])
@@ -243,7 +246,8 @@ class ImageScores:
         if len(indices) != target.shape[0]:
             raise ValueError(f"{len(indices)} indices for a batch of {target.shape[0]} images")
         self._indices.append(np.asarray(indices, dtype=np.int64))
-        self._confusions.append(per_image_confusion(target, prediction, self.num_classes, self.ignore_index).cpu().numpy())
+        matrices = per_image_confusion(target, prediction, self.num_classes, self.ignore_index)
+        self._confusions.append(matrices.cpu().numpy())
         if self.with_assd:
             target_np, prediction_np = target.cpu().numpy(), prediction.cpu().numpy()
             self._assd.append(np.stack([

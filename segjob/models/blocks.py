@@ -27,7 +27,8 @@ class DoubleConv(nn.Sequential):
     def __init__(self, in_channels: int, out_channels: int, mid_channels: int | None = None):
         mid_channels = mid_channels or out_channels
         super().__init__(
-            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),  # BN's shift makes a bias redundant
+            # BN's shift makes a bias redundant
+            nn.Conv2d(in_channels, mid_channels, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(mid_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid_channels, out_channels, kernel_size=3, padding=1, bias=False),
@@ -44,7 +45,8 @@ class ConvBNReLU(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),  # BN's shift makes a bias redundant
+            # BN's shift makes a bias redundant
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )

@@ -51,7 +51,8 @@ class EncoderUNet(nn.Module):
         strides = encoder.strides
         steps = round(math.log2(strides[-1]))
         if list(strides) != sorted(set(strides)) or 2**steps != strides[-1]:
-            raise ValueError(f"EncoderUNet needs an undilated encoder (strides doubling up to a power of 2), got {strides}")
+            raise ValueError("EncoderUNet needs an undilated encoder (strides doubling up to a power of 2), "
+                             f"got {strides}")
         if len(decoder_channels) != steps:
             raise ValueError(
                 f"the {encoder.name} encoder reaches stride {strides[-1]}: {steps} decoder widths needed, "

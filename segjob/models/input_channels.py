@@ -37,7 +37,8 @@ def rebuild_first_conv(module: nn.Module, path: str, in_channels: int) -> nn.Con
     return new
 
 
-def widen_rgb_filters(rgb: torch.Tensor, in_channels: int, extra_channel_init: ExtraChannelInit = "zero") -> torch.Tensor:
+def widen_rgb_filters(rgb: torch.Tensor, in_channels: int,
+                      extra_channel_init: ExtraChannelInit = "zero") -> torch.Tensor:
     """First-conv weights [out, 3, kh, kw] trained on RGB, turned into [out, in_channels, kh, kw].
 
     3 or more channels: the RGB filters unchanged in the first three, each extra channel zero

@@ -28,7 +28,8 @@ from segjob.models.pyramid_pooling import PyramidPooling
 def classifier_head(in_channels: int, mid_channels: int, num_classes: int, dropout: float) -> nn.Sequential:
     """3x3 conv -> BN -> ReLU -> dropout -> 1x1 conv to class logits."""
     return nn.Sequential(
-        ConvBNReLU(in_channels, mid_channels), nn.Dropout2d(dropout), nn.Conv2d(mid_channels, num_classes, kernel_size=1)
+        ConvBNReLU(in_channels, mid_channels), nn.Dropout2d(dropout),
+        nn.Conv2d(mid_channels, num_classes, kernel_size=1),
     )
 
 

@@ -67,7 +67,8 @@ class SegNetEncoder(Backbone):
 
 
 class SegNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, stages: int = 5, width: int = 64, input_batchnorm: bool = False):
+    def __init__(self, in_channels: int, num_classes: int, stages: int = 5, width: int = 64,
+                 input_batchnorm: bool = False):
         super().__init__()
         self.min_size = 2**stages
         self.input_norm = nn.BatchNorm2d(in_channels) if input_batchnorm else nn.Identity()
@@ -78,7 +79,8 @@ class SegNet(nn.Module):
         for block in reversed(range(stages)):
             channels, convs = widths[block], VGG16_CONVS_PER_BLOCK[block]
             layers: list[nn.Module] = [ConvBNReLU(channels, channels) for _ in range(convs - 1)]
-            layers.append(ConvBNReLU(channels, widths[block - 1]) if block else nn.Conv2d(channels, num_classes, 3, padding=1))
+            layers.append(ConvBNReLU(channels, widths[block - 1]) if block
+                          else nn.Conv2d(channels, num_classes, 3, padding=1))
             blocks.append(nn.Sequential(*layers))
         self.decoder = nn.ModuleList(blocks)
 

@@ -19,7 +19,8 @@ from segjob.models.blocks import DoubleConv, pad_to, squeeze_excitation
 
 class UNet(nn.Module):
     def __init__(
-        self, in_channels: int, num_classes: int, base_channels: int = 32, depth: int = 4, se_reduction: int | None = None
+        self, in_channels: int, num_classes: int, base_channels: int = 32, depth: int = 4,
+        se_reduction: int | None = None,
     ):
         super().__init__()
         if in_channels < 1 or num_classes < 1 or base_channels < 1 or depth < 1:
@@ -43,7 +44,8 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList(DoubleConv(2 * widths[i], widths[i]) for i in reversed(range(depth)))
         # None without SE, so a plain U-Net keeps the state-dict layout of earlier runs
         self.gates = (
-            nn.ModuleList(squeeze_excitation(widths[i], se_reduction) for i in reversed(range(depth))) if se_reduction else None
+            nn.ModuleList(squeeze_excitation(widths[i], se_reduction) for i in reversed(range(depth)))
+            if se_reduction else None
         )
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 

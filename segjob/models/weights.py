@@ -69,7 +69,8 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         raise UserError(f"{KEY}: {source}: not a readable state dict ({type(error).__name__}: {first_line})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{KEY}: {source}: expected a state dict (layer name -> tensor), as torchvision's weight files hold")
+        raise UserError(f"{KEY}: {source}: expected a state dict (layer name -> tensor), "
+                        "as torchvision's weight files hold")
     return dict(state)
 
 

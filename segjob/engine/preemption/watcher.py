@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from segjob.engine.preemption import sigterm
 from segjob.engine.preemption.cloud import AWS_ENDPOINT_ENV, GIVE_UP_AFTER, AwsSource, GcpSource, gce_base_url
