@@ -20,7 +20,7 @@ import argparse
 import logging
 
 from segjob.data.audit import check_data
-from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
 from segjob.store.storage import open_storage
 
@@ -28,7 +28,7 @@ log = logging.getLogger("segjob")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.check", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m segjob.check", description=__doc__.split("\n\n")[0])
     add_job_arguments(parser)
     parser.add_argument("--limit", type=int, default=None, help="check only the first N samples of each split")
     parser.add_argument("--workers", type=int, default=None,

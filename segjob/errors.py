@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
 import sys
@@ -10,6 +11,15 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """Something the user can fix (a job file, a path, a bucket). Printed as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag is one line and exit 2 like every other user error;
+    the usage is one --help away."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def exits_cleanly_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:

@@ -26,7 +26,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from segjob.errors import exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.results.evaluation import evaluate
 from segjob.results.evaluation_outputs import write_outputs
 from segjob.results.trained import add_checkpoint_arguments, trained_from_arguments
@@ -37,7 +37,7 @@ SPLITS = ("val", "train")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.evaluate", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m segjob.evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("--out", default="evaluation", help="output folder (default: ./evaluation)")

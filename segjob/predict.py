@@ -45,7 +45,7 @@ from tqdm import tqdm
 from segjob.data.labels import IGNORE_INDEX
 from segjob.data.transforms import Depth, build_transform
 from segjob.engine.evaluation import logits_of
-from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.learning.metrics import predict_labels
 from segjob.results import figures
 from segjob.results.trained import Trained, add_checkpoint_arguments, trained_from_arguments
@@ -237,7 +237,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, name:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.predict", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m segjob.predict", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_checkpoint_arguments(parser)
     parser.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")

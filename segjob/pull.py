@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.store import checkpoint
 from segjob.store.ranking import Candidate, Ranking, format_table, rank
 from segjob.store.storage import Storage, open_storage, replace_dir
@@ -38,7 +38,7 @@ PULLED_FILE = "pulled.json"  # what a pull wrote, where from: marks DIR as safe 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.pull", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m segjob.pull", description=__doc__.split("\n\n")[0])
     parser.add_argument("uri", help="a run or a sweep: s3://bucket/runs/NAME, gs://bucket/runs/NAME or ./runs/NAME")
     parser.add_argument("--to", default="best", help="where to put the checkpoint (default: ./best)")
     parser.add_argument("--metric", help="rank by this metric (default: the job's metric.name)")

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from segjob.errors import exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.results import figures
 from segjob.results.trained import run_history
 
@@ -132,7 +132,7 @@ def write_report(uri: str, out: Path, endpoint_url: str | None = None) -> dict[s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.report", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m segjob.report", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", metavar="RUN_URI", help="a run folder or checkpoint folder: local, s3:// or gs://")
     parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: ./report)")

@@ -15,7 +15,7 @@ import logging
 import time
 
 from segjob.data.audit import preflight
-from segjob.errors import exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
 from segjob.job.schema import JobConfig
 from segjob.store import checkpoint, run_folder
@@ -25,7 +25,7 @@ log = logging.getLogger("segjob")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.train", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m segjob.train", description=__doc__.split("\n\n")[0])
     add_job_arguments(parser)
     parser.add_argument("--restart", action="store_true",
                         help="start a fresh run beside an existing one (named <name>-rN); the old run is kept")

@@ -31,7 +31,7 @@ from segjob.cluster import driver
 from segjob.cluster.tuner import build_tuner, outcomes
 from segjob.data import build_datasets
 from segjob.data.audit import preflight
-from segjob.errors import UserError, exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.job.sweep import TRIALS_DIR, Sweep, load_sweep
 from segjob.results import sweep_report
 from segjob.results.sweep_report import TrialOutcome
@@ -45,7 +45,7 @@ RESULTS_FILE, BEST_FILE, PLOT_FILE = "results.csv", "best.json", "search.png"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m segjob.tune", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m segjob.tune", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="sweep YAML file: a job plus a tune: section, e.g. jobs/tune_quickstart.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a job key or a tune key, e.g. --set train.epochs=3 --set tune.num_samples=4")
