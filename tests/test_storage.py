@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import pyarrow.fs
 import pytest
 from servers import closed_port_url
 
@@ -475,26 +474,6 @@ def test_transient_classification():
 
 
 # --- Ray glue ---------------------------------------------------------------------------
-
-
-def test_pyarrow_fs_on_s3(s3_endpoint, s3_bucket):
-    storage = open_storage(f"s3://{s3_bucket}/runs", s3_endpoint)
-    storage.write_bytes(storage.path("run", "ckpt", "meta.json"), b"{}")
-    fs = storage.pyarrow_fs()
-    info = fs.get_file_info(storage.path("run", "ckpt", "meta.json"))
-    assert info.type == pyarrow.fs.FileType.File and info.size == 2
-    listed = fs.get_file_info(pyarrow.fs.FileSelector(storage.path("run"), recursive=True))
-    assert {(i.path, i.type) for i in listed} == {
-        (storage.path("run", "ckpt"), pyarrow.fs.FileType.Directory),
-        (storage.path("run", "ckpt", "meta.json"), pyarrow.fs.FileType.File),
-    }
-    with fs.open_output_stream(storage.path("run", "from_arrow.txt")) as out:
-        out.write(b"arrow")
-    assert storage.read_bytes(storage.path("run", "from_arrow.txt")) == b"arrow"
-
-
-def test_pyarrow_fs_local(tmp_path):
-    assert isinstance(open_storage(str(tmp_path)).pyarrow_fs(), pyarrow.fs.LocalFileSystem)
 
 
 def test_worker_env_vars_never_include_secrets(monkeypatch):

@@ -287,14 +287,6 @@ class Storage:
         else:
             self._check_bucket()
 
-    def pyarrow_fs(self):
-        """The filesystem Ray's RunConfig(storage_filesystem=...) takes; use `root` as storage_path."""
-        import pyarrow.fs
-
-        if self.is_local:
-            return pyarrow.fs.LocalFileSystem()
-        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(self.fs))
-
     # --- check() for buckets ------------------------------------------------------------
 
     @property
