@@ -83,7 +83,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 def set_job_key(raw: dict, key: str, value: Any, override: str) -> tuple[str, str] | None:
     """Set a dotted job key in a raw job. A family of sections (model, loss, data, optim.schedule) that
     the raw job leaves out is its default member: --set model.encoder=resnet18 on a file without
-    `model:` sets the default U-Net's encoder. Returns the family filled in and its member, ("model", "unet")."""
+    `model:` sets the default U-Net's encoder. Returns the family filled in and its member, ("model", "unet"),
+    when the key is one of that member's own (where another member may be what the user meant)."""
     filled = None
     node: Any = raw
     model: type[BaseModel] | None = JobConfig
@@ -97,7 +98,7 @@ def set_job_key(raw: dict, key: str, value: Any, override: str) -> tuple[str, st
             default = field.get_default(call_default_factory=True)
             member = tag_of(type(default)) if isinstance(kind, dict) and isinstance(default, BaseModel) else None
             node[part] = {TAG: member} if member is not None else {}
-            if member is not None:
+            if member is not None and depth == len(parts) - 2:
                 filled = (".".join(parts[: depth + 1]), member)
         node = node[part]
         if isinstance(kind, dict):  # a family: the member the raw job names, if it names one
