@@ -3,7 +3,8 @@
     python -m segjob.check jobs/pets_unet.yaml
     python -m segjob.check jobs/pets_unet.yaml --set data.root=/data/pets --limit 200 --workers 8
 
-Builds both splits as training would and reads every sample fully, in parallel (threads:
+Checks what the model needs of the job (its smallest input) and that the metric names a class
+of the dataset, then builds both splits as training would and reads every sample fully, in parallel (threads:
 PIL's decoders and h5py release the GIL), then lists every problem at once, one line each,
 naming the file: unreadable or truncated images, image/mask size mismatches, mask values
 outside the dataset's classes and ignore value, colour masks where label values are
@@ -19,9 +20,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from segjob.data.audit import check_data
+from segjob.data.audit import check_job_data
 from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
+from segjob.models import check_model_fits
 from segjob.store.storage import open_storage
 
 log = logging.getLogger("segjob")
@@ -40,16 +42,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: give at least 1 (or leave it out to check everything)")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: give at least 1 thread (or leave it out for CPUs + 4, at most 32)")
     job = resolve_local_paths(load_job(args.job, args.overrides))
+    try:
+        check_model_fits(job)
+    except ValueError as error:
+        raise UserError(f"{args.job}: {error}") from None
     log.info("job %s: valid (%s, %s, %d epochs)", args.job, job.data.name, job.model.name, job.train.epochs)
 
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     storage.check()
     log.info("storage %s: reachable", job.storage.uri)
 
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit {args.limit}: give at least 1 (or leave it out to check everything)")
-    report = check_data(job.data, job.seed, args.limit, args.workers)
+    report = check_job_data(job, args.job, args.limit, args.workers)
     for problem in report.problems:
         print(problem)
     log.info(report.summary())

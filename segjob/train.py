@@ -4,8 +4,8 @@
     python -m segjob.train jobs/pets_unet.yaml --set data.root=/data/pets --set train.epochs=3
     ray job submit --working-dir . -- python -m segjob.train jobs/pets_unet.yaml
 
-Everything a user can get wrong (the job file, the storage, the dataset path) is checked
-here, on the driver, before Ray starts a worker.
+Everything a user can get wrong (the job file, what the model needs of it, the metric, the
+storage, the dataset path and samples) is checked here, on the driver, before Ray starts a worker.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import logging
 import time
 
 from segjob.data.audit import preflight
-from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
+from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
 from segjob.job.schema import JobConfig
+from segjob.models import check_model_fits
 from segjob.store import checkpoint, run_folder
 from segjob.store.storage import Storage, open_storage
 
@@ -35,12 +36,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(job: JobConfig, skip_bad: bool = False) -> tuple[Storage, str]:
-    """Check storage and every data sample before anything starts (see segjob.check).
-    With skip_bad, bad samples go into job.data.exclude, which the workers then leave out."""
+def prepare(job: JobConfig, skip_bad: bool = False, source: str = "job") -> tuple[Storage, str]:
+    """Check the model against the job, the storage, the metric and every data sample before anything
+    starts (see segjob.check). With skip_bad, bad samples go into job.data.exclude, which the workers
+    then leave out. `source` (the job file) starts the messages about the job."""
+    try:
+        check_model_fits(job)
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     storage.check()
-    preflight(job, skip_bad)
+    preflight(job, skip_bad, source)
     return storage, storage.path(job.name)
 
 
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     job = resolve_local_paths(load_job(args.job, args.overrides))
-    storage, run_path = prepare(job, skip_bad=args.skip_bad)
+    storage, run_path = prepare(job, skip_bad=args.skip_bad, source=args.job)
     if args.restart and storage.list_dirs(run_path):
         fresh = run_folder.fresh_run_name(storage, job.name)
         log.info("--restart: starting run '%s' beside '%s', which is kept as it is", fresh, job.name)

@@ -29,10 +29,10 @@ import time
 
 from segjob.cluster import driver
 from segjob.cluster.tuner import build_tuner, outcomes
-from segjob.data import build_datasets
-from segjob.data.audit import preflight
+from segjob.data.audit import metric_classes_check, preflight
 from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
-from segjob.job.sweep import TRIALS_DIR, Sweep, load_sweep
+from segjob.job.sweep import TRIALS_DIR, Sweep, check_trials, load_sweep
+from segjob.models import check_model_fits
 from segjob.results import sweep_report
 from segjob.results.sweep_report import TrialOutcome
 from segjob.store import ranking, run_folder
@@ -56,15 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare(sweep: Sweep) -> Storage:
-    """Check storage, data and the metric before Ray starts anything."""
+    """Check what every trial's model needs, storage, data and the metric before Ray starts anything."""
+    check_trials(sweep, check_model_fits)
     storage = open_storage(sweep.job.storage.uri, sweep.job.storage.endpoint_url)
     storage.check()
-    preflight(sweep.job)  # every sample, once, before any trial spends GPU time on it
-    train_set, _ = build_datasets(sweep.job.data, sweep.job.seed)
-    parts = sweep.metric.split("/")
-    if len(parts) == 3 and parts[2] not in train_set.class_names:  # val/iou/<class>, val/dice/<class>
-        raise UserError(f"{sweep.source}: metric {sweep.metric}: no class '{parts[2]}' in {sweep.job.data.name} "
-                        f"({', '.join(train_set.class_names)})")
+    metric_key = "tune.metric" if sweep.tune.metric else "metric.name"
+    preflight(sweep.job, source=sweep.source, metric_key=metric_key)  # every sample, once, before any trial
+    if any(key.startswith("data.") for key in sweep.tune.space):  # a trial's classes may differ from the base's
+        check_trials(sweep, metric_classes_check(metric_key))
     if sweep.tune.scheduler == "asha" and sweep.tune.asha.grace_period > sweep.max_epochs:
         raise UserError(f"{sweep.source}: tune.asha.grace_period ({sweep.tune.asha.grace_period}) is more than the "
                         f"{sweep.max_epochs} epochs a trial gets; lower it or raise train.epochs")

@@ -1,16 +1,18 @@
-"""The sample scan: every image and label read once, problems named, before any GPU time is spent."""
+"""The sample scan: every image and label read once, problems named, before any GPU time is spent;
+and the job's metrics checked against the classes the dataset has (val/iou/<class>)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from segjob.data import build_datasets
 from segjob.data.base import SegmentationDataset
 from segjob.errors import UserError
-from segjob.job.schema import DataBase, JobConfig
+from segjob.job.schema import DataBase, JobConfig, PlateauSchedule
 
 log = logging.getLogger("segjob")
 
@@ -57,6 +59,45 @@ def check_data(cfg: DataBase, seed: int, limit: int | None = None, workers: int 
     return check_datasets({"train": train, "val": val}, limit, workers)
 
 
+def check_job_data(job: JobConfig, source: str = "job", limit: int | None = None, workers: int | None = None,
+                   metric_key: str = "metric.name") -> DataReport:
+    """Build the job's splits, check that its metrics name classes they have (a UserError naming
+    `source` and the key), then inspect every sample (or the first `limit` of each)."""
+    train, val = build_datasets(job.data, job.seed)
+    try:
+        check_metric_classes(job, train.class_names, metric_key)
+    except ValueError as error:
+        raise UserError(f"{source}: {error}") from None
+    return check_datasets({"train": train, "val": val}, limit, workers)
+
+
+def metric_classes_check(metric_key: str = "metric.name") -> Callable[[JobConfig], None]:
+    """check_metric_classes for many jobs (a sweep's trials), each distinct data section built once."""
+    classes: dict[str, list[str]] = {}
+
+    def check(job: JobConfig) -> None:
+        data = job.data.model_dump_json()
+        if data not in classes:
+            classes[data] = build_datasets(job.data, job.seed)[0].class_names
+        check_metric_classes(job, classes[data], metric_key)
+
+    return check
+
+
+def check_metric_classes(job: JobConfig, class_names: list[str], metric_key: str = "metric.name") -> None:
+    """A metric for one class (val/iou/<class>, val/dice/<class>) must name a class of the dataset:
+    training never reports an unknown one, so ranking, retention and sweeps would find no value.
+    ValueError naming the key, the dataset's classes and the fix."""
+    metrics = {metric_key: job.metric.name}
+    if isinstance(job.optim.schedule, PlateauSchedule):
+        metrics["optim.schedule.plateau_metric"] = job.optim.schedule.plateau_metric
+    for key, name in metrics.items():
+        prefix, _, wanted = name.rpartition("/")
+        if prefix.count("/") == 1 and wanted not in class_names:  # val/iou/<class>, val/dice/<class>
+            raise ValueError(f"{key}: {name} names no class of data {job.data.name} (its classes: "
+                             f"{', '.join(class_names)}); use {prefix}/<one of those>, or val/miou")
+
+
 def check_datasets(datasets: dict[str, SegmentationDataset], limit: int | None = None,
                    workers: int | None = None) -> DataReport:
     started = time.perf_counter()
@@ -80,10 +121,11 @@ def _inspect(task: tuple[str, SegmentationDataset, int]) -> list[Problem]:
         return [Problem(split, name, f"could not be checked ({type(error).__name__}: {error})")]
 
 
-def preflight(job: JobConfig, skip_bad: bool = False) -> None:
-    """The check `segjob.train` runs on the driver before any worker starts: a UserError on bad
-    samples, or, with skip_bad, those samples added to job.data.exclude (the job the workers get)."""
-    report = check_data(job.data, job.seed)
+def preflight(job: JobConfig, skip_bad: bool = False, source: str = "job", metric_key: str = "metric.name") -> None:
+    """The check `segjob.train` runs on the driver before any worker starts: a UserError on a metric
+    naming no class of the data or on bad samples, or, with skip_bad, those samples added to
+    job.data.exclude (the job the workers get)."""
+    report = check_job_data(job, source, metric_key=metric_key)
     log.info(report.summary())
     if report.warnings:
         log.warning("data: %d warnings, the first: %s (python -m segjob.check lists them all)",

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from segjob.errors import UserError
 from segjob.job.messages import error_key, problems_in
 from segjob.job.schema import JobConfig
+from segjob.job.walk import TAG, section_type, tag_of
+from segjob.job.yaml_file import read_yaml
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,21 +35,8 @@ def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
     applied = {}
     for override in overrides:
         key, value = parse_override(override)
-        set_path(raw, key, value, override)
-        applied[key] = override
+        applied[key] = described_override(override, set_job_key(raw, key, value, override))
     return validate_job(raw, source=str(path), overrides=applied)
-
-
-def read_yaml(path: Path, kind: str) -> Any:
-    """A job or sweep file's parsed YAML; a missing file or a syntax error is one UserError line that names the file."""
-    if not path.is_file():
-        raise UserError(f"{path}: {kind} file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark else ""
-        raise UserError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', error)})") from None
 
 
 def validate_job(raw: dict[str, Any], source: str = "job", overrides: dict[str, str] | None = None) -> JobConfig:
@@ -89,6 +78,44 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         return key.strip(), value
+
+
+def set_job_key(raw: dict, key: str, value: Any, override: str) -> tuple[str, str] | None:
+    """Set a dotted job key in a raw job. A family of sections (model, loss, data, optim.schedule) that
+    the raw job leaves out is its default member: --set model.encoder=resnet18 on a file without
+    `model:` sets the default U-Net's encoder. Returns the family filled in and its member, ("model", "unet"),
+    when the key is one of that member's own (where another member may be what the user meant)."""
+    filled = None
+    node: Any = raw
+    model: type[BaseModel] | None = JobConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None or not isinstance(node, dict):
+            break
+        kind = section_type(field.annotation)
+        if node.get(part) is None:
+            default = field.get_default(call_default_factory=True)
+            member = tag_of(type(default)) if isinstance(kind, dict) and isinstance(default, BaseModel) else None
+            node[part] = {TAG: member} if member is not None else {}
+            if member is not None and depth == len(parts) - 2:
+                filled = (".".join(parts[: depth + 1]), member)
+        node = node[part]
+        if isinstance(kind, dict):  # a family: the member the raw job names, if it names one
+            tag = node.get(TAG) if isinstance(node, dict) else None
+            kind = kind.get(tag) if isinstance(tag, (str, int)) else None
+        model = kind
+    set_path(raw, key, value, override)
+    return filled
+
+
+def described_override(override: str, defaulted: tuple[str, str] | None) -> str:
+    """How an error names the --set it came from, and the family member it fell back on."""
+    if defaulted is None:
+        return override
+    family, member = defaulted
+    return (f"{override}; the file has no {family}: section, so {family}.{TAG} is the default {member}: "
+            f"--set {family}.{TAG}=... picks another")
 
 
 def set_path(raw: dict, key: str, value: Any, override: str) -> None:

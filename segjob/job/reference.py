@@ -34,7 +34,21 @@ A job is one YAML file (see `jobs/`). Every section is optional and has the defa
 `name` defaults to the job file's name without `.yaml`. Unknown keys are errors that name the key
 and the valid ones, so a typo never passes silently. Any key can be overridden on the command
 line with `--set KEY=VALUE` (the value is read as YAML: `--set train.epochs=3`,
-`--set optim.betas=[0.9,0.99]`, `--set storage.endpoint_url=null`); `--set` may repeat.
+`--set optim.betas=[0.9,0.99]`, `--set storage.endpoint_url=null`); `--set` may repeat. A `--set`
+into a section the file leaves out reaches that section's default: `--set model.encoder=resnet18`
+on a file without `model:` sets the encoder of the default `unet`.
+
+A key written twice in one mapping is an error (YAML would silently keep the last), and so is a
+file over 256 KiB, nested more than 32 levels deep or holding more than 10,000 values once its
+aliases (`*name`) are expanded: a job needs a few hundred. Merge keys (`<<: *defaults`) work.
+
+Some rules span the schema and the code, and are checked on the driver before anything starts
+(`segjob.check`, `segjob.train`, and for every combination a sweep may propose, `segjob.tune`):
+`data.image_size` must be at least the model's smallest input (SegNet and the plain U-Net halve
+it once per stage or level: `2**model.stages`, `2**model.depth`; the `vgg16_bn` encoder 32),
+`train.batch_size: 1` needs a model whose BatchNorm never sees a 1x1 map (PSPNet's 1x1 pyramid
+bin always does), `model.freeze_encoder` counts at most the encoder's stages, and a metric for one
+class (`val/iou/<class>`, `val/dice/<class>`) must name a class of the dataset.
 """
 
 

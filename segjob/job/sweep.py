@@ -17,9 +17,11 @@
 
 The `tune:` section is read here and removed before the rest is validated as a job, so
 the job part means exactly what it means to `segjob.train`. Every space key must be a
-job key and every value a search may propose must make a valid job: each choice, both
-ends of each range and every starting point are validated as a whole job before
-anything starts, so a typo or an impossible value is one error line, never a failed trial.
+job key and every value a search may propose must make a valid job: each choice and both
+ends of each range on their own, then their combinations (corners()), and every starting
+point are validated as a whole job before anything starts, so a typo, an impossible value
+or an impossible combination is one error line, never a failed trial. check_trials() runs
+the checks that need more than the schema (the model, the dataset) on the same jobs.
 No Ray here; Optuna only for its distribution types.
 """
 
@@ -27,17 +29,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from segjob.errors import UserError
-from segjob.job.load import parse_override, read_yaml, resolve_local_paths, set_path, validate_job
+from segjob.job.load import described_override, parse_override, resolve_local_paths, set_job_key, set_path, validate_job
+from segjob.job.messages import cut, shown
 from segjob.job.schema import JobConfig, MetricConfig, Section
 from segjob.job.walk import walk_location
+from segjob.job.yaml_file import read_yaml
 
 TUNE_KEY = "tune"
 TRIALS_DIR = "trials"  # <storage.uri>/<sweep>/trials/<trial id>/: each trial's segjob run
@@ -98,7 +104,7 @@ class Dimension:
 
     def describe(self) -> str:
         if self.kind == "choice":
-            return "choice of " + ", ".join(str(choice) for choice in self.choices)
+            return "choice of " + ", ".join(cut(choice) for choice in self.choices)
         scale = "log-uniform" if self.log else "uniform"
         what = "integers" if self.kind == "int" else "floats"
         step = f", step {self.step}" if self.step else ""
@@ -113,7 +119,7 @@ def parse_dimension(spec: Any) -> Dimension:
     allowed = {"integer": {"integer", "step", "log"}}.get(kind, {kind})
     unknown = sorted(set(spec) - allowed)
     if unknown:
-        raise ValueError(f"unknown option '{unknown[0]}' for {kind}; allowed: {', '.join(sorted(allowed))}")
+        raise ValueError(f"unknown option '{cut(unknown[0])}' for {kind}; allowed: {', '.join(sorted(allowed))}")
     value = spec[kind]
     if kind == "choice":
         if not isinstance(value, list) or not value:
@@ -128,7 +134,7 @@ def parse_dimension(spec: Any) -> Dimension:
         exponent_as_text = any(isinstance(v, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", v)
                                for v in (value if isinstance(value, list) else []))
         hint = "; write exponents with a dot, 1.0e-4 (YAML reads 1e-4 as text)" if exponent_as_text else ""
-        raise ValueError(f"{kind} needs [low, high], two numbers (got {value!r}){hint}")
+        raise ValueError(f"{kind} needs [low, high], two numbers (got {shown(value)}){hint}")
     low, high = value
     if not low < high:
         raise ValueError(f"{kind}: low ({low}) must be below high ({high})")
@@ -142,9 +148,9 @@ def parse_dimension(spec: Any) -> Dimension:
         raise ValueError(f"integer: low and high must be whole numbers (got {low}, {high})")
     step, log = spec.get("step"), spec.get("log", False)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
-        raise ValueError(f"integer: step must be a whole number >= 1 (got {step!r})")
+        raise ValueError(f"integer: step must be a whole number >= 1 (got {shown(step)})")
     if not isinstance(log, bool):
-        raise ValueError(f"integer: log must be true or false (got {log!r})")
+        raise ValueError(f"integer: log must be true or false (got {shown(log)})")
     if log and (low < 1 or (step or 1) != 1):
         raise ValueError("integer with log: low must be >= 1 and step 1")
     return Dimension("int", int(low), int(high), log=log, step=step)
@@ -152,9 +158,9 @@ def parse_dimension(spec: Any) -> Dimension:
 
 def parse_space_entry(key: Any, spec: Any) -> Dimension:
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
-        raise ValueError(f"'{key}' is not a job key (dotted names like optim.lr)")
+        raise ValueError(f"'{cut(key)}' is not a job key (dotted names like optim.lr)")
     if not searchable(key):
-        raise ValueError(f"{key} cannot be searched: it names, places, sizes or scores the runs "
+        raise ValueError(f"{cut(key)} cannot be searched: it names, places, sizes or scores the runs "
                          f"(every trial trains up to train.epochs; ASHA stops the poor ones sooner)")
     return parse_dimension(spec)
 
@@ -257,12 +263,11 @@ class Sweep:
         """The job one trial trains: the base job with the trial's values, its own run under the sweep."""
         raw = copy.deepcopy(self.base)
         for key, value in params.items():
-            set_path(raw, key, value, f"{key}={value}")
+            set_job_key(raw, key, value, f"{key}={shown(value)}")
         raw["name"] = trial_id
         raw.setdefault("storage", {})["uri"] = self.trials_uri()
         raw["metric"] = {"name": self.metric, "mode": self.mode}
-        shown = " ".join(f"{key}={value!r}" for key, value in params.items())
-        return validate_job(raw, source=source or f"{self.source}: trial {trial_id} ({shown})")
+        return validate_job(raw, source=source or f"{self.source}: trial {trial_id} ({format_params(params)})")
 
     def record(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "tune": self.tune.dump()}
@@ -292,8 +297,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
         elif key.startswith(f"{TUNE_KEY}."):
             set_path(tune_raw, key.removeprefix(f"{TUNE_KEY}."), value, override)
         else:
-            set_path(raw, key, value, override)
-            applied[key] = override
+            applied[key] = described_override(override, set_job_key(raw, key, value, override))
     job = resolve_local_paths(validate_job(raw, source=str(path), overrides=applied))
     tune = _validate_tune(tune_raw, path)
     if tune.asha.max_t and tune.asha.max_t > job.train.epochs:
@@ -311,26 +315,73 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
 
 
 def check_space_against_job(sweep: Sweep) -> None:
-    """Every value the search may propose, on its own, must give a valid job, and every starting
-    point must lie in the space: one line for the first that doesn't."""
+    """Every value the search may propose, on its own and together with the other keys' values
+    (corners()), must give a valid job, and every starting point must lie in the space: one line
+    for the first that doesn't."""
     space = sweep.tune.space
     for key, dimension in space.items():
         for value in dimension.values_to_check():
-            where = f"{sweep.source}: tune.space.{key}={value!r} does not make a valid job"
+            where = f"{sweep.source}: tune.space.{format_params({key: value})} does not make a valid job"
             sweep.trial_job("check", {key: value}, source=where)
+    if len(space) > 1:  # one key alone was checked just now
+        for params in corners(space):
+            where = f"{sweep.source}: tune.space: the combination {format_params(params)} does not make a valid job"
+            try:
+                sweep.trial_job("check", params, source=where)
+            except UserError as error:
+                raise UserError(f"{error}; a search may propose it, so narrow the space (or search these keys in "
+                                "separate sweeps)") from None
     for number, point in enumerate(sweep.tune.points_to_evaluate, start=1):
         where = f"{sweep.source}: tune.points_to_evaluate[{number}]"
         unknown = [key for key in point if key not in space]
         if unknown:
-            raise UserError(f"{where}: '{unknown[0]}' is not in space ({', '.join(space)})")
+            raise UserError(f"{where}: '{cut(unknown[0])}' is not in space ({cut(', '.join(space), 200)})")
         missing = [key for key in space if key not in point]
         if missing:  # Optuna's warm start takes whole points only
             raise UserError(f"{where}: no value for {', '.join(missing)} (every point gives every space key)")
         outside = [key for key, value in point.items() if not space[key].contains(value)]
         if outside:
             key = outside[0]
-            raise UserError(f"{where}: {key}={point[key]!r} is outside its space ({space[key].describe()})")
+            raise UserError(f"{where}: {key}={shown(point[key])} is outside its space ({space[key].describe()})")
         sweep.trial_job("check", point, source=f"{where} does not make a valid job")
+
+
+# Corners crossed in full up to this many; past it, every pair of keys (a rule between three keys is rare).
+MAX_CORNERS = 4096
+
+
+def corners(space: dict[str, Dimension]) -> Iterator[dict[str, Scalar]]:
+    """The values a search can combine that bound what it proposes: every choice of each categorical
+    key crossed with both ends of each range (cross-key rules are checked where they are tightest:
+    at the ends). Past MAX_CORNERS combinations, every pair of keys crossed, the others at their first value."""
+    keys = list(space)
+    values = [space[key].values_to_check() for key in keys]
+    if math.prod(len(options) for options in values) <= MAX_CORNERS:
+        for combination in itertools.product(*values):
+            yield dict(zip(keys, combination))
+        return
+    first = {key: options[0] for key, options in zip(keys, values)}
+    for i, j in itertools.combinations(range(len(keys)), 2):
+        for a, b in itertools.product(values[i], values[j]):
+            yield {**first, keys[i]: a, keys[j]: b}
+
+
+def check_trials(sweep: Sweep, check: Callable[[JobConfig], None]) -> None:
+    """A check that needs more than the schema (the model's smallest input, the dataset's classes) on the
+    job of every corner of the space and every starting point; its ValueError becomes one line naming them."""
+    together = "the combination " if len(sweep.tune.space) > 1 else ""
+    candidates = [(f"tune.space: {together}{format_params(params)}", params) for params in corners(sweep.tune.space)]
+    candidates += [(f"tune.points_to_evaluate[{number}] ({format_params(point)})", point)
+                   for number, point in enumerate(sweep.tune.points_to_evaluate, start=1)]
+    for what, params in candidates:
+        try:
+            check(sweep.trial_job("check", params))
+        except ValueError as error:
+            raise UserError(f"{sweep.source}: {what} makes a job that cannot train: {error}") from None
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return " ".join(f"{cut(key)}={shown(value)}" for key, value in params.items())
 
 
 def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
@@ -341,7 +392,7 @@ def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
             try:
                 parsed[key] = parse_space_entry(key, spec)
             except ValueError as error:
-                raise UserError(f"{path}: tune.space.{key}: {error}") from None
+                raise UserError(f"{path}: tune.space.{cut(key)}: {error}") from None
         tune_raw = {**tune_raw, "space": parsed}
     try:
         return TuneSection.model_validate(tune_raw)
@@ -355,7 +406,7 @@ def _validate_tune(tune_raw: dict[str, Any], path: Path) -> TuneSection:
             valid = sorted(walk_location(TuneSection, first["loc"][:-1])[1].model_fields)
             message = f"unknown key; valid keys here: {', '.join(valid)}"
         elif first["type"] not in ("value_error", "missing"):
-            message += f" (got {first.get('input')!r})"
+            message += f" (got {shown(first.get('input'))})"
         more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
         raise UserError(f"{path}: {key}: {message}{more}") from None
 

@@ -15,7 +15,9 @@ down to the architecture's minimum). PSPNet in training mode returns
 Encoders (encoders.py) are torchvision backbones built with weights=None; pretrained
 weights come only from model.encoder_weights (weights.py). Adding an architecture is one
 `ModelEntry` in `MODELS`: its name (the `name` tag of its config class in job/schema.py),
-that class, and a builder taking (config, in_channels, out_channels).
+that class, a builder taking (config, in_channels, out_channels), and what it needs of the
+job (requirements.py: its smallest input, from its downsampling depth), which
+`check_model_fits(job)` checks on the driver before any worker builds it.
 """
 
 from __future__ import annotations
@@ -28,21 +30,24 @@ import torch
 from torch import nn
 
 from segjob.job.registry import Entry, Registry
-from segjob.job.schema import EncoderModelBase, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
+from segjob.job.schema import EncoderModelBase, JobConfig, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
 from segjob.models.backbone import Backbone
 from segjob.models.encoder_unet import EncoderUNet
 from segjob.models.encoders import ENCODERS, Encoder
 from segjob.models.pspnet import PSPNet
+from segjob.models.requirements import ModelNeeds, check_needs, pspnet_needs, segnet_needs, unet_needs
 from segjob.models.segnet import SegNet
 from segjob.models.unet import UNet
 from segjob.models.weights import load_encoder_weights
 
-__all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet", "UNet", "create_model"]
+__all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet", "UNet", "check_model_fits",
+           "create_model"]
 
 
 @dataclass(frozen=True)
 class ModelEntry(Entry):
     build: Callable[[Any, int, int], nn.Module]  # (config, in_channels, out_channels)
+    needs: Callable[[Any], ModelNeeds]  # (config) -> its smallest input, from its downsampling depth
 
 
 def _prepare_encoder(encoder: Backbone, cfg: EncoderModelBase) -> None:
@@ -78,12 +83,18 @@ def _build_segnet(cfg: SegNetConfig, in_channels: int, out_channels: int) -> nn.
 MODELS: Registry[ModelEntry] = Registry(
     "model",
     (
-        ModelEntry("unet", UNetConfig, _build_unet),
-        ModelEntry("pspnet", PSPNetConfig, _build_pspnet),
-        ModelEntry("segnet", SegNetConfig, _build_segnet),
+        ModelEntry("unet", UNetConfig, _build_unet, unet_needs),
+        ModelEntry("pspnet", PSPNetConfig, _build_pspnet, pspnet_needs),
+        ModelEntry("segnet", SegNetConfig, _build_segnet, segnet_needs),
     ),
     where="model.name",
 )
+
+
+def check_model_fits(job: JobConfig) -> None:
+    """On the driver: a ValueError naming the keys and the fix when no worker could train job.model on
+    job.data's images (too small for its depth, a one-sample BatchNorm, more frozen stages than it has)."""
+    check_needs(job, MODELS.lookup(job.model.name).needs(job.model))
 
 
 def create_model(cfg: ModelConfig, in_channels: int, out_channels: int) -> nn.Module:
