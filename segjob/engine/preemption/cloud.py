@@ -8,6 +8,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 from segjob.engine.preemption.notice import Notice, one_line, parse_utc
 
@@ -123,9 +124,45 @@ AWS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"
 
 GCE_HOST_ENV = "GCE_METADATA_HOST"
 
+# The SDKs' own off switches (botocore, google-auth), set on machines without that cloud's metadata
+# server: with one at "true", segjob never contacts the cloud's own metadata address either. An
+# address named elsewhere (a proxy, a test server) is still polled.
+AWS_DISABLED_ENV = "AWS_EC2_METADATA_DISABLED"
+GCE_DISABLED_ENV = "NO_GCE_CHECK"
+_AWS_METADATA_HOSTS = {"169.254.169.254", "fd00:ec2::254"}
+_GCE_METADATA_HOSTS = {"metadata.google.internal", "metadata", "169.254.169.254"}
+
 
 def gce_base_url() -> str | None:
     host = os.environ.get(GCE_HOST_ENV, "").strip()
     if not host:
         return None
     return host if "://" in host else f"http://{host}"
+
+
+def aws_url(configured: str | None) -> str | None:
+    """The AWS metadata base URL to poll, or None: the job's null turns the source off, the node's
+    AWS_EC2_METADATA_SERVICE_ENDPOINT wins over the job's URL, AWS_EC2_METADATA_DISABLED=true
+    keeps EC2's own address from being polled."""
+    if not configured:
+        return None
+    url = os.environ.get(AWS_ENDPOINT_ENV) or configured
+    return None if _switched_off(url, AWS_DISABLED_ENV, _AWS_METADATA_HOSTS) else url
+
+
+def gcp_url(configured: str | None) -> str | None:
+    """The GCE metadata base URL to poll, or None: as aws_url, with GCE_METADATA_HOST and NO_GCE_CHECK."""
+    if not configured:
+        return None
+    url = gce_base_url() or configured
+    return None if _switched_off(url, GCE_DISABLED_ENV, _GCE_METADATA_HOSTS) else url
+
+
+def _switched_off(url: str, switch: str, cloud_hosts: set[str]) -> bool:
+    if os.environ.get(switch, "").strip().lower() != "true":
+        return False
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:  # a malformed URL: polling it fails on its own
+        return False
+    return host.rstrip(".").lower() in cloud_hosts

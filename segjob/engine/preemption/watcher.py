@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
-from segjob.engine.preemption import sigterm
-from segjob.engine.preemption.cloud import AWS_ENDPOINT_ENV, GIVE_UP_AFTER, AwsSource, GcpSource, gce_base_url
+from segjob.engine.preemption import cloud, sigterm
+from segjob.engine.preemption.cloud import GIVE_UP_AFTER, AwsSource, GcpSource
 from segjob.engine.preemption.notice import Notice, one_line
 from segjob.job.schema import PreemptionSection
 
@@ -27,10 +26,10 @@ class PreemptionWatcher:
         self.cfg = cfg
         self._drain = drain if cfg.ray_drain else None
         self._sources: list = []
-        if cfg.aws_metadata_url:
-            self._sources.append(AwsSource(os.environ.get(AWS_ENDPOINT_ENV) or cfg.aws_metadata_url))
-        if cfg.gcp_metadata_url:
-            self._sources.append(GcpSource(gce_base_url() or cfg.gcp_metadata_url))
+        if aws := cloud.aws_url(cfg.aws_metadata_url):
+            self._sources.append(AwsSource(aws))
+        if gcp := cloud.gcp_url(cfg.gcp_metadata_url):
+            self._sources.append(GcpSource(gcp))
         self._found: dict[str, Notice | None] = {source.name: None for source in self._sources}
         self._drained: Notice | None = None  # the notice a drain was sent for: it stays
         self._drain_started = False
