@@ -28,10 +28,11 @@ import torch
 from bad_inputs import one_line_error
 from PIL import Image
 from servers import closed_port_url
-from trained_runs import PETS_ROOT, SegjobLog, synthetic_run
+from trained_runs import SegjobLog, synthetic_run
 
 from segjob import evaluate, predict, report
 from segjob.store import checkpoint
+from segjob.store.storage import open_storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -132,14 +133,66 @@ def test_evaluate_says_which_flag_gives_the_data(run, endpoint, tmp_path, capsys
     assert endpoint.connections == 0 and not (tmp_path / "eval").exists()
 
 
+SHAPES = ["background", "disc", "square"]
+
+
+def shapes_folder(folder: Path, count: int = 10) -> Path:
+    """A `folder` dataset of synthetic shapes: images/NAME.png and index masks/NAME.png."""
+    from segjob.data.synthetic import render_sample
+
+    for kind in ("images", "masks"):
+        (folder / kind).mkdir(parents=True)
+    for number in range(count):
+        image, mask = render_sample(np.random.default_rng(number), 32, len(SHAPES))
+        Image.fromarray((image * 255).round().astype(np.uint8)).save(folder / "images" / f"s{number}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(folder / "masks" / f"s{number}.png")
+    return folder
+
+
+def reading_shapes_from(url: str, **data: Any) -> Callable[[dict[str, Any]], None]:
+    """meta.json's job made to read a shapes folder from a bucket behind `url`."""
+
+    def change(meta: dict[str, Any]) -> None:
+        meta["job"]["data"] = {"name": "folder", "root": "s3://their-bucket/shapes", "endpoint_url": url,
+                               "classes": SHAPES, "image_size": 32, "loader_workers": 0, **data}
+
+    return change
+
+
 def test_evaluate_reads_the_data_the_command_line_names(run, endpoint, tmp_path):
-    if not (PETS_ROOT / "images").is_dir():
-        pytest.skip(f"the Oxford-IIIT Pet sample is not at {PETS_ROOT}")
-    ckpt = crafted(run, tmp_path / "ckpt", pointing_at(endpoint.url))
+    ckpt = crafted(run, tmp_path / "ckpt", reading_shapes_from(endpoint.url))
+    data = shapes_folder(tmp_path / "shapes")
     out = tmp_path / "eval"
-    assert evaluate.main([str(ckpt), "--data", str(PETS_ROOT), "--out", str(out), "--workers", "0", "--no-figures",
+    assert evaluate.main([str(ckpt), "--data", str(data), "--out", str(out), "--workers", "0", "--no-figures",
                           "--no-assd", "--no-progress", "--device", "cpu"]) == 0
-    assert json.loads((out / "metrics.json").read_text())["images"] == 18
+    assert json.loads((out / "metrics.json").read_text())["images"] == 2  # 20 % of 10
+    assert endpoint.connections == 0
+
+
+def test_a_data_bucket_is_reached_through_the_endpoint_the_command_line_gives(
+        run, endpoint, s3_endpoint, s3_bucket, monkeypatch, tmp_path):
+    monkeypatch.setenv("SEGJOB_DATA_CACHE", str(tmp_path / "cache"))
+    ckpt = crafted(run, tmp_path / "ckpt", reading_shapes_from(endpoint.url))
+    data = shapes_folder(tmp_path / "shapes")
+    storage = open_storage(f"s3://{s3_bucket}", endpoint_url=s3_endpoint)
+    names = [str(path.relative_to(data)) for path in sorted(data.rglob("*.png"))]
+    storage.put_folder(data, storage.path("shapes"), names)
+    out = tmp_path / "eval"
+    assert evaluate.main([str(ckpt), "--data", f"s3://{s3_bucket}/shapes", "--set", f"data.endpoint_url={s3_endpoint}",
+                          "--out", str(out), "--workers", "0", "--no-figures", "--no-assd", "--no-progress",
+                          "--device", "cpu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["images"] == 2
+    assert endpoint.connections == 0
+
+
+def test_predict_takes_classes_and_colours_from_the_job(run, endpoint, image, tmp_path):
+    colours = [[10, 20, 30], [200, 0, 0], [0, 0, 200]]
+    ckpt = crafted(run, tmp_path / "ckpt", reading_shapes_from(endpoint.url, palette=colours))
+    out = tmp_path / "out"
+    assert predict.main([str(ckpt), str(image), "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((out / "predictions.json").read_text())["class_names"] == SHAPES
+    with Image.open(out / "photo.mask.png") as mask:
+        assert mask.getpalette()[:9] == [value for colour in colours for value in colour]
     assert endpoint.connections == 0
 
 
@@ -154,7 +207,7 @@ def test_an_unreachable_endpoint_is_one_line_within_seconds(command, image, tmp_
     if command == "predict":
         argv.insert(1, str(image))
     started = time.monotonic()
-    message = one_line_error(COMMANDS[command], argv, capsys)
+    message = one_line_error(COMMANDS[command], argv, capsys, keep=[tmp_path])
     assert "cannot reach the storage endpoint" in message and "--endpoint-url" in message
     assert time.monotonic() - started < 10
 
@@ -165,7 +218,7 @@ def test_a_bucket_without_credentials_is_one_line(s3_endpoint, s3_bucket, monkey
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata probe: tests stay on 127.0.0.1
     message = one_line_error(report.main, [f"s3://{s3_bucket}/runs/x", "--endpoint-url", s3_endpoint,
-                                           "--out", str(tmp_path / "report")], capsys)
+                                           "--out", str(tmp_path / "report")], capsys, keep=[tmp_path])
     assert "no credentials found" in message and "AWS_ACCESS_KEY_ID" in message
 
 
