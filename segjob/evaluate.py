@@ -5,8 +5,9 @@
     python -m segjob.evaluate runs/quickstart/checkpoints/step-000000384 --split train --limit 200
 
 CKPT is a checkpoint folder, or a run folder (its best checkpoint by the run's metric;
---pick latest for the newest), local, s3:// or gs://. Every sample of the split is scored
-exactly once (the count is checked). Written into --out:
+--pick latest for the newest), local, s3:// or gs://. A dataset that reads files needs --data
+(or --set data.root=...): the data location and the endpoints a checkpoint records are never
+used. Every sample of the split is scored exactly once (the count is checked). Written into --out:
 
     metrics.json     figures from the summed confusion matrix (mIoU, pixel and mean class
                      accuracy, Dice, per class IoU/Dice), the job's loss, mean ASSD per class
@@ -27,9 +28,9 @@ import logging
 from pathlib import Path
 
 from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
+from segjob.results.arguments import add_checkpoint_arguments, check_output_folder, trained_from_arguments
 from segjob.results.evaluation import evaluate
 from segjob.results.evaluation_outputs import write_outputs
-from segjob.results.trained import add_checkpoint_arguments, trained_from_arguments
 
 log = logging.getLogger("segjob")
 
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("limit", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        parser.error("--workers must be 0 (load in this process) or more")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must be between 0 and 1")
     return args
@@ -65,11 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    out = Path(args.out)
+    for folder in (out, out / "figures") if args.figures else (out,):
+        check_output_folder(folder, "--out")  # before the scoring, which may take hours
     trained = trained_from_arguments(args, need_data=True)
     workers = trained.job.data.loader_workers if args.workers is None else args.workers
     result = evaluate(trained, args.split, args.batch_size or trained.job.train.batch_size, workers, args.limit,
                       args.assd, args.threshold, args.progress)
-    out = Path(args.out)
     written = write_outputs(result, out, args.figures)
     summary = result.summary()
     keys = [f"{args.split}/{name}" for name in ("miou", "pixel_acc", "dice", "assd", "loss")]

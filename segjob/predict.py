@@ -7,7 +7,10 @@
 
 Each image goes through the dataset's evaluation transform (resize to data.image_size,
 squashed or fitted and padded as the job says; ImageNet normalisation), and the prediction
-is scaled back to the image's own size. For every image STEM, --out gets:
+is scaled back to the image's own size. The dataset is built only when --data (or --set
+data.root=...) says where it is; otherwise class names and colours come from the checkpoint's
+job. Where to read data and which endpoint to reach never come from the checkpoint.
+For every image STEM, --out gets:
 
     STEM.mask.png      the class index of every pixel (a palette PNG: the values are the
                        indices, viewers show the dataset's colours)
@@ -28,9 +31,12 @@ beyond 1e-3 (+1e-3 relative).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
+import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 from torchvision import tv_tensors
 from tqdm import tqdm
 
@@ -48,13 +55,20 @@ from segjob.engine.evaluation import logits_of
 from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.learning.metrics import predict_labels
 from segjob.results import figures
-from segjob.results.trained import Trained, add_checkpoint_arguments, trained_from_arguments
+from segjob.results.arguments import (
+    add_checkpoint_arguments,
+    check_output_file,
+    check_output_folder,
+    trained_from_arguments,
+)
+from segjob.results.trained import Trained
 
 log = logging.getLogger("segjob")
 
 ONNX_ATOL = 1e-3
 EXTERNAL_DATA_BYTES = 1 << 30  # ONNX files are protobufs (2 GiB at most): bigger weights go to FILE.onnx.data
 ONNX_RTOL = 1e-3
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # torch's exporter needs the first two, the check the third
 
 
 @dataclass
@@ -70,14 +84,36 @@ class Prepared:
 # --- reading ----------------------------------------------------------------------------
 
 
-def read_rgb(path: Path) -> np.ndarray:
+def too_large(path: Path, error: DecompressionBombError) -> UserError:
+    """PIL refuses images past twice Image.MAX_IMAGE_PIXELS (a decompression bomb may be a small file)."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return UserError(f"{path}: the image is too large to read ({size}; the limit is "
+                     f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,} pixels); scale it down first")
+
+
+@contextmanager
+def reading_image(path: Path):
+    """PIL's errors about one image file as one line that names it."""
     try:
-        with Image.open(path) as file:
-            return np.asarray(file.convert("RGB"))
+        yield
     except FileNotFoundError:
         raise UserError(f"{path}: no such image") from None
+    except DecompressionBombError as error:
+        raise too_large(path, error) from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(f"{path}: cannot read it as an image ({error})") from None
+
+
+def check_image(path: Path) -> None:
+    """Open the file's header only (format, size): cheap enough to do for every image up front."""
+    with reading_image(path), Image.open(path):
+        pass
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    with reading_image(path), Image.open(path) as file:
+        return np.asarray(file.convert("RGB"))
 
 
 def read_depth(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -93,6 +129,8 @@ def read_depth(path: Path, size: tuple[int, int]) -> np.ndarray:
                 depth = np.asarray(file, dtype=np.float32) / 1000.0
     except FileNotFoundError:
         raise UserError(f"{path}: no such depth file") from None
+    except DecompressionBombError as error:
+        raise too_large(path, error) from None
     except (OSError, UnidentifiedImageError, ValueError) as error:
         raise UserError(f"{path}: cannot read it as a depth map ({error})") from None
     depth = np.squeeze(depth)
@@ -202,6 +240,19 @@ def write_prediction(trained: Trained, item: Prepared, prediction: Prediction, o
 # --- ONNX -------------------------------------------------------------------------------
 
 
+def check_onnx_packages() -> None:
+    """Import what --export-onnx needs before anything else runs: a missing package is one line."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError):  # OSError: a native library of the package that won't load
+            missing.append(name)
+    if missing:
+        raise UserError(f"--export-onnx: needs {', '.join(missing)}, which cannot be imported here; "
+                        f"install segjob's onnx extra (pip install 'segjob[onnx]') or leave --export-onnx out")
+
+
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, name: str = "model") -> float:
     """Export with torch.onnx (dynamic batch), check onnxruntime against PyTorch on `example`;
     returns the largest absolute difference. An architecture the exporter can't take is a UserError."""
@@ -270,7 +321,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    trained = trained_from_arguments(args)
+    if args.export_onnx is not None:
+        check_onnx_packages()
+        check_output_file(args.export_onnx, "--export-onnx")
+    if args.out is not None:
+        check_output_folder(args.out, "--out")
+    for path in args.images:  # every header first: a bad image is refused before any prediction is written
+        check_image(path)
+    # the dataset only when asked for (--data, --set data.root=...): classes and colours come from the job
+    trained = trained_from_arguments(args, with_data=False)
     if trained.in_channels == 4 and args.images and args.depth is None:
         raise UserError(f"{trained.source}: an RGB-D model (4 input channels); "
                         f"pass one depth file per image with --depth")

@@ -27,6 +27,7 @@ from typing import Any
 
 from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.results import figures
+from segjob.results.arguments import check_output_folder
 from segjob.results.trained import run_history
 
 log = logging.getLogger("segjob")
@@ -144,6 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    check_output_folder(args.out, "--out")
     written = write_report(args.run, args.out, args.endpoint_url)
     log.info("wrote %s to %s", ", ".join(path.name for path in written.values()), args.out)
     return 0

@@ -15,34 +15,41 @@ training state only through torch.load(weights_only=True), and the job inside is
 like a job file. The model is rebuilt without its pretrained-encoder file (the checkpoint's
 weights replace it) and without torch.compile.
 
-Class names, input channels and palette come from the dataset the job names (`data_root`
-points at a local copy). When that data is not here, the class names come from the metrics
-the checkpoint recorded (val/iou/<class>), the input channels from the weights' shapes, and
-the palette is the PASCAL VOC colour map.
+A checkpoint never chooses what segjob reads or connects to: the data location (data.root,
+data.path, ...), data.endpoint_url and storage.endpoint_url recorded in its job are never used.
+The dataset is built only where `data_root` (or a data path key in `data_overrides`) says
+where it is, or when the job's dataset reads no files at all; its endpoint then comes from
+`data_overrides` or the environment (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST).
+
+Class names, input channels and palette come from the dataset when it is built. Otherwise
+the class names and palette are those the job's data section implies (results/classes: the
+named dataset's published classes, or the classes a `folder` job lists), else the ones its
+recorded metrics name (val/iou/<class>), and the input channels come from the weights' shapes.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from segjob.data import build_datasets
 from segjob.data.labels import default_palette
+from segjob.data.remote import is_remote
 from segjob.errors import UserError
 from segjob.job.load import validate_job
 from segjob.job.schema import CLASS_NAME_PATTERN, JobConfig, metric_direction
 from segjob.learning.losses import binary_threshold, output_channels
 from segjob.models import create_model
+from segjob.results.classes import classes_of
 from segjob.store import checkpoint
 from segjob.store.storage import Storage, open_storage
 
@@ -88,11 +95,30 @@ class Trained:
 
 
 def locate(uri: str, endpoint_url: str | None = None) -> tuple[Storage, str]:
-    """(storage, folder path on it) for a local path, file://, s3:// or gs:// URI."""
+    """(storage, folder path on it) for a local path, file://, s3:// or gs:// URI. A bucket is
+    checked first (endpoint reachable, bucket there, credentials found), so a wrong one is one
+    line within seconds, not a client library's retries."""
     storage = open_storage(uri, endpoint_url)
-    if storage.is_local and not Path(storage.root).is_dir():
-        raise UserError(f"{uri}: no such folder")
+    if storage.is_local:
+        if not Path(storage.root).is_dir():
+            raise UserError(f"{uri}: no such folder")
+    else:
+        try:
+            storage.check()
+        except UserError as error:  # the store names job keys; here the same setting is a flag
+            raise UserError(str(error).replace("storage.endpoint_url", "--endpoint-url")
+                            .replace("fix storage.uri", "fix the URI")) from None
     return storage, storage.root
+
+
+@contextmanager
+def untrusted_json(where: str):
+    """What a hostile meta.json or history.jsonl raises beyond the checks made on it (nesting
+    deep enough to exhaust the parser's recursion) as one line that names the checkpoint."""
+    try:
+        yield
+    except RecursionError:
+        raise UserError(f"{where}: its JSON nests too deep to read; the checkpoint is damaged or hostile") from None
 
 
 def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
@@ -122,17 +148,22 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
 
 def job_from_meta(meta: dict[str, Any], where: str, data_root: str | None = None,
                   data_overrides: dict[str, Any] | None = None) -> JobConfig:
-    """The checkpoint's job, validated; then with the data changes asked for on the command line."""
+    """The checkpoint's job, validated, without the endpoints it records; then with the data
+    changes asked for on the command line. A data location given here replaces every data path
+    the checkpoint recorded (the ones not given fall back to their defaults)."""
     raw = meta.get("job")
     if not isinstance(raw, dict):
-        raise UserError(f"{where}/{checkpoint.META_FILE}: holds no job configuration")
+        found = "nothing" if raw is None else f"a JSON {type(raw).__name__}"
+        raise UserError(f"{where}/{checkpoint.META_FILE}: 'job' holds {found}, not a job configuration; "
+                        f"the checkpoint is damaged or was not written by segjob")
     try:
         job = validate_job(raw, source=f"{where}/{checkpoint.META_FILE} (job)")
     except UserError as error:
         raise UserError(f"{error}; the checkpoint may come from another segjob version") from None
+    job = without_recorded_endpoints(job, where)
     changes = dict(data_overrides or {})
+    path_keys = job.data.path_keys()
     if data_root is not None:
-        path_keys = job.data.path_keys()
         if not path_keys:
             raise UserError(f"--data: the job's dataset ({job.data.name}) reads no files; leave --data out")
         # data.root, or data.path for a dataset in one file (nyuv2); files it names "beside" follow it
@@ -141,9 +172,40 @@ def job_from_meta(meta: dict[str, Any], where: str, data_root: str | None = None
         return job
     raw = job.model_dump(mode="json")
     raw["data"].update(changes)
+    given = [key for key in path_keys if key in changes]
+    if given:
+        for key in path_keys:  # none of the checkpoint's paths survives a location given here
+            if key in changes:
+                continue
+            if type(job.data).model_fields[key].is_required():
+                raise UserError(f"--set data.{given[0]}: say where the dataset is too, with --data ROOT "
+                                f"(the data.{key} a checkpoint records is never used)")
+            raw["data"][key] = type(job.data).model_fields[key].default
     asked = [f"--data {data_root}"] * (data_root is not None) + [f"--set data.{k}" for k in data_overrides or {}]
     shown = " ".join(asked)
     return validate_job(raw, source=shown)
+
+
+def without_recorded_endpoints(job: JobConfig, where: str) -> JobConfig:
+    """The job with data.endpoint_url and storage.endpoint_url cleared, saying so once when the
+    checkpoint named an endpoint or a bucket for its data: neither is ever used from a checkpoint."""
+    recorded = [f"data.{key} (a bucket)" for key in job.data.path_keys()
+                if is_remote(str(getattr(job.data, key) or ""))]
+    recorded += [f"{section}.endpoint_url" for section in ("data", "storage")
+                 if getattr(getattr(job, section), "endpoint_url", None)]
+    if not recorded:
+        return job
+    log.info("%s: not using the %s recorded in the checkpoint: a checkpoint never chooses where segjob "
+             "reads data from or connects to", where, " and ".join(recorded))
+    update = {"storage": job.storage.model_copy(update={"endpoint_url": None})}
+    if "endpoint_url" in type(job.data).model_fields:
+        update["data"] = job.data.model_copy(update={"endpoint_url": None})
+    return job.model_copy(update=update)
+
+
+def names_data_location(job: JobConfig, data_root: str | None, data_overrides: dict[str, Any] | None) -> bool:
+    """Whether the command line says where the job's data is (--data, or --set of a data path key)."""
+    return data_root is not None or any(key in job.data.path_keys() for key in data_overrides or {})
 
 
 def model_config_for_inference(job: JobConfig) -> Any:
@@ -188,37 +250,73 @@ def in_channels_from_weights(job: JobConfig, state: dict[str, torch.Tensor], num
 
 def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | None = None,
                  data_overrides: dict[str, Any] | None = None, pick: str = "best", need_data: bool = False,
-                 device: str | torch.device | None = None) -> Trained:
-    """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode."""
+                 with_data: bool = True, device: str | torch.device | None = None) -> Trained:
+    """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode.
+
+    The dataset is built when `data_root`/`data_overrides` say where it is, or (with_data) when
+    it reads no files; need_data: refuse when it is not built, naming the flag that gives it."""
     storage, path = locate(uri, endpoint_url)
-    folder = choose_checkpoint(storage, path, pick)
+    with untrusted_json(storage.display(path)):
+        folder = choose_checkpoint(storage, path, pick)
     where = storage.display(folder)
-    loaded = checkpoint.load(storage, folder)
-    job = job_from_meta(loaded.meta, where, data_root, data_overrides)
-    try:
-        datasets = build_datasets(job.data, job.seed)
-    except UserError as error:
-        if need_data:
-            raise
-        log.info("dataset not available (%s); class names and input channels from the checkpoint", error)
-        datasets = None
+    with untrusted_json(where):
+        loaded = load_checkpoint(storage, folder, where)
+        job = job_from_meta(loaded.meta, where, data_root, data_overrides)
+    datasets = None
+    located = names_data_location(job, data_root, data_overrides)
+    if located or (with_data and not job.data.path_keys()):
+        try:
+            datasets = build_datasets(job.data, job.seed)
+        except UserError as error:
+            if need_data:
+                raise
+            log.info("dataset not available (%s); class names and input channels from the checkpoint", error)
+    elif need_data:
+        key = job.data.path_keys()[0]
+        raise UserError(f"{where}: this needs the job's dataset ({job.data.name}); say where it is on this "
+                        f"machine with --data ROOT (or --set data.{key}=...): the data location a checkpoint "
+                        f"records is never used")
     if datasets is not None:
         val_set = datasets[1]
         class_names, in_channels = list(val_set.class_names), int(val_set.in_channels)
         palette = getattr(val_set, "palette", None)
     else:
-        class_names = class_names_from_metrics(loaded.meta, loaded.history)
-        if class_names is None:
-            raise UserError(f"{where}: the checkpoint records no class names (no evaluation yet) and its dataset "
-                            f"is not here; point --data at the dataset")
+        class_names, palette = classes_without_data(job, loaded, where)
         in_channels = in_channels_from_weights(job, loaded.model_state, len(class_names))
-        palette = None
     model = rebuild_model(job, loaded.model_state, in_channels, len(class_names), where)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     palette = [tuple(int(v) for v in colour) for colour in (palette or default_palette(len(class_names)))]
     log.info("loaded %s (epoch %s, step %s)", where, loaded.meta.get("epoch"), loaded.meta.get("step"))
     return Trained(job, model.to(device), class_names, in_channels, palette, where, loaded.meta, loaded.history,
                    device, datasets)
+
+
+def classes_without_data(job: JobConfig, loaded: checkpoint.LoadedCheckpoint,
+                         where: str) -> tuple[list[str], list[tuple[int, int, int]] | None]:
+    """(class names, palette) from the job's data section, else from the metrics the checkpoint recorded."""
+    implied = classes_of(job.data)
+    if implied is not None:
+        return implied
+    class_names = class_names_from_metrics(loaded.meta, loaded.history)
+    if class_names is None:
+        raise UserError(f"{where}: the checkpoint records no class names (no evaluation yet) and its dataset "
+                        f"is not here; point --data at the dataset")
+    return class_names, None
+
+
+def load_checkpoint(storage: Storage, folder: str, where: str) -> checkpoint.LoadedCheckpoint:
+    """checkpoint.load, with a history.jsonl whose lines are not JSON objects refused in one line."""
+    history_file = f"{where}/{checkpoint.HISTORY_FILE}"
+    try:
+        loaded = checkpoint.load(storage, folder)
+    except json.JSONDecodeError as error:  # the hash matched: whoever wrote meta.json wrote this too
+        raise UserError(f"{history_file}: a line is not JSON ({error.msg}); the checkpoint is damaged "
+                        f"or was not written by segjob") from None
+    for number, record in enumerate(loaded.history, start=1):
+        if not isinstance(record, dict):
+            raise UserError(f"{history_file}: record {number} is not a JSON object; the checkpoint is damaged "
+                            f"or was not written by segjob")
+    return loaded
 
 
 # --- a run's history --------------------------------------------------------------------
@@ -244,9 +342,10 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     history.jsonl, checked against its meta.json (only that file is read, not the weights).
     A damaged newest checkpoint is skipped for the one before, with a warning."""
     storage, path = locate(uri, endpoint_url)
-    if storage.exists(f"{path}/{checkpoint.META_FILE}"):
-        return checkpoint.load(storage, path).history, storage.display(path)
-    committed = checkpoint.list_committed(storage, path)
+    with untrusted_json(storage.display(path)):
+        if storage.exists(f"{path}/{checkpoint.META_FILE}"):
+            return load_checkpoint(storage, path, storage.display(path)).history, storage.display(path)
+        committed = checkpoint.list_committed(storage, path)
     if not committed:
         raise UserError(f"{storage.display(path)}: no committed checkpoints (expected a run folder, e.g. "
                         f"<storage.uri>/<job name>, or a checkpoint folder)")
@@ -262,48 +361,6 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
             problems.append(f"{where}: sha256 does not match {checkpoint.META_FILE}")
             log.warning("%s; trying the checkpoint before", problems[-1])
             continue
-        return parse_history(raw, where), storage.display(info.path)
+        with untrusted_json(where):
+            return parse_history(raw, where), storage.display(info.path)
     raise UserError(f"no readable history among {len(committed)} committed checkpoints; newest: {problems[0]}")
-
-
-# --- command-line arguments shared by evaluate and predict -----------------------------
-
-
-def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", metavar="CKPT",
-                        help="a checkpoint folder, or a run folder (its best checkpoint); local, s3:// or gs://")
-    parser.add_argument("--pick", choices=PICKS, default="best",
-                        help="for a run folder: its best checkpoint by the run's metric, or the latest")
-    parser.add_argument("--data", metavar="ROOT", default=None,
-                        help="where the job's dataset is on this machine (replaces data.root; data.path for nyuv2)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
-                        help="change a data key, e.g. --set data.split=official (repeatable)")
-    parser.add_argument("--endpoint-url", default=None, help="S3/GCS endpoint (MinIO, emulators)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-
-
-def trained_from_arguments(args: argparse.Namespace, need_data: bool = False) -> Trained:
-    """The checkpoint that add_checkpoint_arguments' arguments name, loaded; --threshold (each command
-    has its own) checked against the model."""
-    trained = load_trained(args.checkpoint, endpoint_url=args.endpoint_url, data_root=args.data,
-                           data_overrides=data_overrides(args.overrides), pick=args.pick, need_data=need_data,
-                           device=args.device)
-    if args.threshold is not None and not trained.is_binary:
-        raise UserError("--threshold: only for one-channel (bce, bce+dice) models; this one takes the argmax")
-    return trained
-
-
-def data_overrides(overrides: list[str]) -> dict[str, Any]:
-    """{key: value} from ["data.KEY=VALUE", ...]; values are YAML, as in the job file."""
-    parsed = {}
-    for text in overrides:
-        key, sep, value = text.partition("=")
-        key = key.strip()
-        if not sep or not key.startswith("data.") or "." in key[len("data."):] or key == "data.":
-            raise UserError(f"--set {text}: expected data.KEY=VALUE (only top-level data keys change here), "
-                            f"e.g. --set data.image_size=256")
-        try:
-            parsed[key[len("data."):]] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError:
-            parsed[key[len("data."):]] = value
-    return parsed
