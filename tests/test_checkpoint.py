@@ -116,6 +116,7 @@ def test_pickle_payload_in_state_is_refused_even_with_matching_hash(tmp_path):
     (folder / checkpoint.STATE_FILE).write_bytes(pickle.dumps({"optimizer": Payload()}))
     meta = json.loads((folder / checkpoint.META_FILE).read_text())
     meta["files"][checkpoint.STATE_FILE]["sha256"] = checkpoint._sha256(folder / checkpoint.STATE_FILE)
+    meta["files"][checkpoint.STATE_FILE]["bytes"] = (folder / checkpoint.STATE_FILE).stat().st_size  # consistent
     (folder / checkpoint.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"state\.pt: refused by the safe loader"):
         checkpoint.load_folder(folder)

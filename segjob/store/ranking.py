@@ -56,7 +56,8 @@ def rank(storage: Storage, path: str, metric: str | None = None, mode: str | Non
     committed = {name: checkpoint.list_committed(storage, run_path) for name, run_path in find_runs(storage, path)}
     committed = {name: infos for name, infos in committed.items() if infos}
     if not committed:
-        raise UserError(f"{storage.display(path)}: no committed checkpoints found (a run, a sweep or a folder of runs)")
+        raise UserError(f"{storage.display(path)}: no committed checkpoints found (a run, a sweep or a folder of runs; "
+                        f"damaged ones are skipped with a warning)")
     jobs = {name: infos[-1].meta.get("job") or {} for name, infos in committed.items()}
     metric, mode = metric or _job_metric(jobs, "name", path, storage), mode or _job_metric(jobs, "mode", path, storage)
     params = differing_params(jobs)
@@ -67,7 +68,8 @@ def rank(storage: Storage, path: str, metric: str | None = None, mode: str | Non
     ]
     if not candidates:
         seen = sorted({key for infos in committed.values() for info in infos for key in info.metrics})
-        raise UserError(f"{storage.display(path)}: no checkpoint carries '{metric}'; metrics seen: {', '.join(seen)}")
+        raise UserError(f"{storage.display(path)}: no checkpoint carries '{printable(metric)}'; "
+                        f"metrics seen: {', '.join(map(printable, seen))}")
     sign = -1.0 if mode == "max" else 1.0
     candidates.sort(key=lambda c: (sign * c.value, -c.info.step, c.run))
     return Ranking(metric, mode, candidates, len(committed))
@@ -83,18 +85,23 @@ def differing_params(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
 
 
 def _job_metric(jobs: dict[str, dict[str, Any]], field: str, path: str, storage: Storage) -> str:
-    found = {(job.get("metric") or {}).get(field) for job in jobs.values()} - {None}
+    found = set()
+    for job in jobs.values():  # jobs come from meta.json in storage: anything but a plain name is no name
+        metric = job.get("metric")
+        value = metric.get(field) if isinstance(metric, dict) else None
+        if isinstance(value, str) and (field == "name" or value in ("max", "min")):
+            found.add(value)
     if len(found) != 1:
         flag = "--metric" if field == "name" else "--mode"
         raise UserError(f"{storage.display(path)}: the runs' jobs name {len(found)} different metric {field}s "
-                        f"({', '.join(sorted(map(str, found)))}); choose one with {flag}")
+                        f"({', '.join(sorted(printable(value) for value in found))}); choose one with {flag}")
     return found.pop()
 
 
 def format_table(ranking: Ranking, limit: int | None = None) -> str:
-    rows = [["#", "run", "checkpoint", "epoch", ranking.metric, "params"]]
+    rows = [["#", "run", "checkpoint", "epoch", printable(ranking.metric), "params"]]
     for number, candidate in enumerate(ranking.candidates[:limit], start=1):
-        rows.append([str(number), candidate.run, candidate.info.name, str(candidate.info.epoch),
+        rows.append([str(number), printable(candidate.run), printable(candidate.info.name), str(candidate.info.epoch),
                      f"{candidate.value:.4f}", format_params(candidate.params)])
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] for row in rows]
@@ -105,7 +112,13 @@ def format_table(ranking: Ranking, limit: int | None = None) -> str:
 
 
 def format_params(params: dict[str, Any]) -> str:
-    return " ".join(f"{key}={_short(value)}" for key, value in params.items()) or "-"
+    return " ".join(printable(f"{key}={_short(value)}") for key, value in params.items()) or "-"
+
+
+def printable(text: str) -> str:
+    """Names and values from storage as they are, unless they hold control characters (a line break,
+    a terminal escape): then escaped, so a bucket can't rewrite what the user's terminal shows."""
+    return text if text.isprintable() else ascii(text)
 
 
 def _short(value: Any) -> str:
