@@ -351,7 +351,7 @@ def test_meta_json_job_of_the_wrong_type(command, job, run, image, tmp_path, cap
     if command == "predict":
         argv.insert(1, str(image))
     message = one_line_error(COMMANDS[command], argv, capsys, keep=[ckpt])
-    assert f"{ckpt}/meta.json: 'job' holds" in message
+    assert f"{ckpt}/meta.json: 'job'" in message and "mapping" in message
 
 
 def test_meta_json_nested_too_deep(run, tmp_path, capsys):
