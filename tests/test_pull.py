@@ -69,7 +69,8 @@ def test_ranks_across_trials_and_pulls_the_best_verified(tmp_path, capsys):
     loaded = checkpoint.load_folder(best, expected_run="a1a1a1a1")  # evaluate/predict load it this way
     assert loaded.meta["step"] == 8 and torch.equal(loaded.model_state["weight"], torch.full((2, 2), 8.0))
     pulled = json.loads((best / PULLED_FILE).read_text())
-    assert pulled["source"] == str(tmp_path / "sweep/trials/a1a1a1a1/checkpoints/step-000000008")
+    # the committed attempt of that step (checkpoint.py: each commit attempt has a folder of its own)
+    assert Path(pulled["source"]).parent == tmp_path / "sweep/trials/a1a1a1a1/checkpoints/step-000000008"
     assert pulled["value"] == 0.52 and pulled["params"] == {"optim.lr": 0.01}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "sweep"], "no temporary folder left behind"
 
@@ -95,7 +96,7 @@ def test_an_unfinished_upload_never_counts(tmp_path, capsys):
     storage = write_sweep(str(tmp_path / "sweep"))
     # the payload of a better checkpoint is there, its meta.json never was: an upload cut short
     best = checkpoint.list_committed(storage, storage.path("trials", "a1a1a1a1"))[-1]
-    partial = Path(best.path).with_name("step-000000012")
+    partial = Path(best.step_path).with_name("step-000000012")
     partial.mkdir()
     for name in checkpoint.PAYLOAD_FILES:
         (partial / name).write_bytes((Path(best.path) / name).read_bytes())

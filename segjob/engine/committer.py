@@ -47,6 +47,7 @@ class Committer:
         )
         self.pending: Pending | None = None
         self.last_committed: str | None = None  # rank 0: path of the newest checkpoint known committed
+        self.verified: set[str] = set()  # rank 0: checkpoints retention has verified, so each is read back once
 
     def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str,
              snapshot: Callable[[], tuple[dict, dict, list]]) -> None:
@@ -94,7 +95,7 @@ class Committer:
             shutil.rmtree(folder, ignore_errors=True)
         try:
             removed = checkpoint.apply_retention(self.storage, self.run_path, self.job.storage.keep_best,
-                                                 self.job.metric.name, self.job.metric.mode)
+                                                 self.job.metric.name, self.job.metric.mode, self.verified)
             if removed:
                 log.debug("retention removed %s", ", ".join(removed))
         except Exception as error:
