@@ -16,6 +16,7 @@ import torch
 from segjob.engine import loop
 from segjob.engine.session import LocalSession
 from segjob.job.schema import JobConfig
+from segjob.results.trained import choose_checkpoint, run_history
 from segjob.store import checkpoint
 from segjob.store.storage import Storage, open_storage
 
@@ -193,3 +194,15 @@ def test_resume_quarantines_a_damaged_newest_and_goes_on_from_the_good_one(tmp_p
     newest = checkpoint.latest(storage, run_path)
     assert newest.step == 12 and checkpoint.verify(storage, newest) is None
     assert checkpoint.load(storage, newest, expected_run="tiny").train_state["progress"]["step"] == 12
+
+
+def test_an_attempt_folder_is_a_whole_checkpoint_wherever_it_is_copied(storage, tmp_path):
+    """What pull, evaluate and predict rely on: the step folder a user names leads to its committed attempt,
+    and a copy of that attempt loads on its own (its meta.json has no 'attempt' key)."""
+    info = commit(storage, tmp_path, step=9, miou=0.3, seed=7)
+    assert choose_checkpoint(storage, info.step_path) == info.path
+    history, where = run_history(storage.display(info.step_path), storage.endpoint_url)
+    assert history == [{"step": 9, "seed": 7}] and where == storage.display(info.path)
+    storage.get_folder(info.path, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted([*checkpoint.PAYLOAD_FILES, "meta.json"])
+    assert checkpoint.load_folder(tmp_path / "copy", expected_run=RUN).train_state["seed"] == 7

@@ -100,7 +100,7 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
     if pick not in PICKS:
         raise ValueError(f"pick must be one of {PICKS}")
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
-        return path
+        return checkpoint.committed_folder(storage, path)  # a run's step folder: the attempt its meta.json names
     committed = checkpoint.list_committed(storage, path)
     if not committed:
         raise UserError(f"{storage.display(path)}: neither a checkpoint folder (no {checkpoint.META_FILE}) "
@@ -245,6 +245,7 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     A damaged newest checkpoint is skipped for the one before, with a warning."""
     storage, path = locate(uri, endpoint_url)
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
+        path = checkpoint.committed_folder(storage, path)
         return checkpoint.load(storage, path).history, storage.display(path)
     committed = checkpoint.list_committed(storage, path)
     if not committed:
