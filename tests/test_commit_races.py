@@ -2,8 +2,8 @@
 moto's S3 server, one writer slowed by the loopback proxy (tests/proxy.py), the other straight to moto.
 
 What must hold, each race ending with latest() returning a checkpoint that loads and verifies:
-- two writers of one step: each uploads into its own attempt folder; the first meta.json wins, the
-  other returns the winner and removes its own attempt; the payloads never mix;
+- two writers of one step (threads, and processes): each uploads into its own attempt folder; the
+  first meta.json wins, the other returns the winner and removes its own attempt; the payloads never mix;
 - a cleanup run while an upload is in flight leaves it alone (grace period), and the upload commits;
 - a cleanup that removes an upload's files anyway makes that writer refuse to commit;
 - an abandoned attempt (or a losing one beside a committed step) goes once it is older than the grace period.
@@ -11,6 +11,10 @@ What must hold, each race ending with latest() returning a checkpoint that loads
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -107,6 +111,41 @@ def test_two_writers_of_one_step_commit_one_whole_checkpoint(slow_and_direct, pr
     assert outcome["value"].path == winner.path and outcome["value"].meta_sha256 == winner.meta_sha256
     assert assert_latest_is_whole(direct, 20, seed=2).path == winner.path
     assert checkpoint.list_uncommitted(direct, run_path) == [], "the losing writer removed its own attempt"
+
+
+WRITER = """
+import json, sys
+from pathlib import Path
+from segjob.store import checkpoint
+from segjob.store.storage import open_storage
+uri, endpoint, run_path, folder, meta = sys.argv[1:]
+info = checkpoint.commit(open_storage(uri, endpoint), run_path, Path(folder), json.loads(Path(meta).read_text()))
+print(json.dumps({"path": info.path}))
+"""
+
+
+def test_two_writer_processes_of_one_step(slow_and_direct, proxy, tmp_path):
+    """The same race between processes: a slow writer process (a zombie worker) and this one."""
+    slow, direct = slow_and_direct
+    run_path = direct.path(RUN)
+    slow_folder, slow_meta = payload(tmp_path, step=20, seed=1, big=True)
+    (tmp_path / "meta.json").write_text(json.dumps(slow_meta))
+    proxy.delay(0.02)
+    repository = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")]))}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, slow.uri, proxy.url, run_path, str(slow_folder), str(tmp_path / "meta.json")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert wait_for(lambda: weights_landed(direct, 20), timeout=60)
+        winner = checkpoint.commit(direct, run_path, *payload(tmp_path, step=20, seed=2))
+        out, err = writer.communicate(timeout=120)
+    finally:
+        writer.kill()
+    assert writer.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["path"] == winner.path
+    assert_latest_is_whole(direct, 20, seed=2)
+    assert checkpoint.list_uncommitted(direct, run_path) == []
 
 
 def test_a_writer_that_comes_second_returns_the_first_commit_without_uploading(slow_and_direct, tmp_path):
