@@ -144,7 +144,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_one_before(tmp_path, cap
     storage = open_storage(uri)
     assert [i.step for i in checkpoint.list_committed(storage, storage.path("tiny"))] == [6, 8]
     newest = checkpoint.latest(storage, storage.path("tiny"))
-    (tmp_path / "tiny/checkpoints" / newest.name / checkpoint.MODEL_FILE).write_bytes(b"garbage")
+    storage.write_bytes(f"{newest.path}/{checkpoint.MODEL_FILE}", b"garbage")
     worker = loop.setup(tiny_job(uri), LocalSession("cpu"))
     assert (worker.progress.epoch, worker.progress.step, worker.progress.position) == (1, 6, 0)
     assert "cannot resume from step-000000008" in caplog.text

@@ -70,6 +70,6 @@ def test_a_storage_cut_during_uploads_costs_checkpoints_not_training(s3_endpoint
     for info in checkpoint.list_committed(direct, direct.path("tiny")):  # none committed is unreadable
         checkpoint.load(direct, info, expected_run="tiny")
     # a half-finished upload may be left behind; the driver removes it at its next start
-    checkpoint.remove_uncommitted(direct, direct.path("tiny"))
+    checkpoint.remove_uncommitted(direct, direct.path("tiny"), grace_s=0)
     assert checkpoint.list_uncommitted(direct, direct.path("tiny")) == []
     assert committed_steps(direct, "tiny") == steps

@@ -69,7 +69,8 @@ def test_ranks_across_trials_and_pulls_the_best_verified(tmp_path, capsys):
     loaded = checkpoint.load_folder(best, expected_run="a1a1a1a1")  # evaluate/predict load it this way
     assert loaded.meta["step"] == 8 and torch.equal(loaded.model_state["weight"], torch.full((2, 2), 8.0))
     pulled = json.loads((best / PULLED_FILE).read_text())
-    assert pulled["source"] == str(tmp_path / "sweep/trials/a1a1a1a1/checkpoints/step-000000008")
+    # the committed attempt of that step (checkpoint.py: each commit attempt has a folder of its own)
+    assert Path(pulled["source"]).parent == tmp_path / "sweep/trials/a1a1a1a1/checkpoints/step-000000008"
     assert pulled["value"] == 0.52 and pulled["params"] == {"optim.lr": 0.01}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "sweep"], "no temporary folder left behind"
 
@@ -95,7 +96,7 @@ def test_an_unfinished_upload_never_counts(tmp_path, capsys):
     storage = write_sweep(str(tmp_path / "sweep"))
     # the payload of a better checkpoint is there, its meta.json never was: an upload cut short
     best = checkpoint.list_committed(storage, storage.path("trials", "a1a1a1a1"))[-1]
-    partial = Path(best.path).with_name("step-000000012")
+    partial = Path(best.step_path).with_name("step-000000012")
     partial.mkdir()
     for name in checkpoint.PAYLOAD_FILES:
         (partial / name).write_bytes((Path(best.path) / name).read_bytes())
@@ -129,11 +130,13 @@ def test_only_an_earlier_pull_is_replaced(tmp_path, capsys):
 
 def test_s3_a_key_escaping_the_destination_is_refused(s3_endpoint, s3_bucket, tmp_path, capsys):
     uri = f"s3://{s3_bucket}/runs/sweep"
-    write_sweep(uri, s3_endpoint)
+    storage = write_sweep(uri, s3_endpoint)
     assert pull(uri, "--endpoint-url", s3_endpoint, "--to", tmp_path / "best") == 0
     assert checkpoint.load_folder(tmp_path / "best").meta["run"] == "a1a1a1a1"
 
-    key = "runs/sweep/trials/a1a1a1a1/checkpoints/step-000000008/../../../../../../escaped.txt"
+    # inside the folder that is downloaded: step-000000008's committed attempt
+    attempt = checkpoint.list_committed(storage, storage.path("trials", "a1a1a1a1"))[-1].path
+    key = attempt.split("/", 1)[1] + "/../../../../../../../escaped.txt"
     boto3.client("s3", endpoint_url=s3_endpoint).put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     assert pull(uri, "--endpoint-url", s3_endpoint, "--to", tmp_path / "again") == 2
     assert "refusing unsafe key" in capsys.readouterr().err
@@ -147,8 +150,8 @@ def test_gcs_emulator(gcs_endpoint, gcs_bucket, tmp_path, capsys):
     pulled = json.loads((tmp_path / "top" / PULLED_FILE).read_text())
     assert pulled["source"] == f"gs://{gcs_bucket}/runs/sweep"
     assert pulled["checkpoints"][0] == "01-a1a1a1a1-step-000000008"
-    assert json.loads((tmp_path / "top" / pulled["checkpoints"][2] / PULLED_FILE).read_text())["source"] == \
-        f"gs://{gcs_bucket}/runs/sweep/trials/b2b2b2b2/checkpoints/step-000000004"
+    assert json.loads((tmp_path / "top" / pulled["checkpoints"][2] / PULLED_FILE).read_text())["source"].startswith(
+        f"gs://{gcs_bucket}/runs/sweep/trials/b2b2b2b2/checkpoints/step-000000004/attempt-")  # its committed attempt
 
 
 def test_user_errors_are_one_line(tmp_path, capsys):

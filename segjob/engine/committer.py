@@ -6,7 +6,9 @@ flight at a time: a new checkpoint first waits for the previous one. A checkpoin
 reported (to Ray, and so to Tune) only once it is committed, so Ray never points at a
 folder that isn't there; every rank makes that report together (the engine agrees on
 "rank 0's upload is done" with its per-step all-reduce). An upload that fails after its
-retries is warned about, reported without a checkpoint, and training goes on.
+retries is warned about, reported without a checkpoint, and training goes on. Retention (which
+reads back the checkpoints it keeps to verify them) runs on a thread of its own after a commit, so
+neither the report nor the next upload waits for it.
 """
 
 from __future__ import annotations
@@ -45,8 +47,14 @@ class Committer:
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-commit", initializer=_lower_priority)
             if self.is_chief else None
         )
+        self.retention = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-retention", initializer=_lower_priority)
+            if self.is_chief else None
+        )
+        self.retention_queued: Future | None = None
         self.pending: Pending | None = None
         self.last_committed: str | None = None  # rank 0: path of the newest checkpoint known committed
+        self.verified: set[str] = set()  # rank 0: checkpoints retention has verified, so each is read back once
 
     def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str,
              snapshot: Callable[[], tuple[dict, dict, list]]) -> None:
@@ -77,6 +85,8 @@ class Committer:
     def close(self) -> None:
         if self.executor:
             self.executor.shutdown(wait=True)
+        if self.retention:
+            self.retention.shutdown(wait=True)
 
     def _write_and_commit(self, state: tuple[dict, dict, list], metrics: dict[str, Any], step: int, epoch: int,
                           reason: str) -> str | None:
@@ -92,14 +102,20 @@ class Committer:
             return None
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        queued = self.retention_queued
+        if queued is None or queued.running() or queued.done():  # one still waiting to start lists this commit too
+            self.retention_queued = self.retention.submit(self._apply_retention, step)
+        return info.path
+
+    def _apply_retention(self, step: int) -> None:
+        # alongside later uploads: a commit it does not list yet only makes it keep more than it must
         try:
             removed = checkpoint.apply_retention(self.storage, self.run_path, self.job.storage.keep_best,
-                                                 self.job.metric.name, self.job.metric.mode)
+                                                 self.job.metric.name, self.job.metric.mode, self.verified)
             if removed:
                 log.debug("retention removed %s", ", ".join(removed))
         except Exception as error:
             log.warning("retention after step %d failed (%s); old checkpoints stay for now", step, error)
-        return info.path
 
 
 def _lower_priority() -> None:

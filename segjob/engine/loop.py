@@ -196,24 +196,51 @@ def train_sampler(job: JobConfig, session: Session, train_set, epoch: int,
 
 
 def resume(worker: Worker) -> None:
-    """Load the newest committed checkpoint that verifies; a damaged one is skipped, loudly."""
+    """Load the newest committed checkpoint that loads. Rank 0 moves the damaged ones newer than it (they
+    don't verify) to quarantine, one log line each; with none that loads, nothing is moved."""
     committed = checkpoint.list_committed(worker.storage, worker.run_path)
     problems = []
+    damaged: list[tuple[checkpoint.CheckpointInfo, Exception]] = []
     for info in reversed(committed):
         try:
             load_into(worker, info)
-        except UserError as error:
+        except (UserError, FileNotFoundError) as error:  # FileNotFoundError: removed while we read it
             problems.append(str(error))
-            log.warning("cannot resume from %s: %s; trying the one before", info.name, error)
+            # a checkpoint that fails for another reason (another run's, weights of another model) stays put
+            if worker.is_chief and isinstance(error, UserError) and fails_verification(worker, info):
+                damaged.append((info, error))  # said once it is quarantined, below
+            else:
+                log.warning("cannot resume from %s: %s; trying the one before", info.name, error)
             continue
+        for bad, error in damaged:
+            log.warning("cannot resume from %s: %s; %s, resuming from %s", bad.name, error,
+                        move_to_quarantine(worker, bad, str(error)), info.name)
         if worker.is_chief:
             log.info("resumed %s from %s: epoch %d, step %d, %d samples into the epoch",
                      worker.job.name, info.name, worker.progress.epoch, worker.progress.step, worker.progress.position)
         return
+    for bad, error in damaged:
+        log.warning("cannot resume from %s: %s", bad.name, error)
     if problems:
         # never start over silently: retention would then delete the checkpoints that exist
         raise UserError(f"no usable checkpoint among {len(problems)} committed in {worker.run_path}; "
                         f"newest: {problems[0]}")
+
+
+def fails_verification(worker: Worker, info: checkpoint.CheckpointInfo) -> bool:
+    try:
+        return checkpoint.verify(worker.storage, info) is not None
+    except Exception:  # storage errors come in many types; unable to tell now, leave it where it is
+        return False
+
+
+def move_to_quarantine(worker: Worker, info: checkpoint.CheckpointInfo, why: str) -> str:
+    """What became of a damaged checkpoint, for the log line."""
+    try:
+        where = checkpoint.quarantine(worker.storage, worker.run_path, info.step_path, info.meta_sha256, why)
+    except Exception as error:  # the good checkpoint is loaded: a failed move must not stop the run
+        return f"could not move it to quarantine ({type(error).__name__}: {error})"
+    return f"moved it to {where}" if where else "it was moved meanwhile"
 
 
 def load_into(worker: Worker, info: checkpoint.CheckpointInfo) -> None:

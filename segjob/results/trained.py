@@ -126,7 +126,7 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
     if pick not in PICKS:
         raise ValueError(f"pick must be one of {PICKS}")
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
-        return path
+        return checkpoint.committed_folder(storage, path)  # a run's step folder: the attempt its meta.json names
     committed = checkpoint.list_committed(storage, path)
     if not committed:
         raise UserError(f"{storage.display(path)}: neither a checkpoint folder (no {checkpoint.META_FILE}) "
@@ -344,6 +344,7 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     storage, path = locate(uri, endpoint_url)
     with untrusted_json(storage.display(path)):
         if storage.exists(f"{path}/{checkpoint.META_FILE}"):
+            path = checkpoint.committed_folder(storage, path)
             return load_checkpoint(storage, path, storage.display(path)).history, storage.display(path)
         committed = checkpoint.list_committed(storage, path)
     if not committed:

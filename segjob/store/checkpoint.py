@@ -1,16 +1,28 @@
 """What a checkpoint holds, and how it is committed, listed, loaded and retired.
 
-A checkpoint is a folder `<run>/checkpoints/step-000000120/`:
+A checkpoint is a step folder `<run>/checkpoints/step-000000120/` whose meta.json commits one
+attempt folder beside it:
 
-    model.safetensors   weights of the unwrapped model (no pickle)
-    state.pt            optimizer, schedule, scaler, RNG, progress (loaded with weights_only=True)
-    history.jsonl       every metric reported so far, cut at this step
-    meta.json           written LAST: job config, step, epoch, metrics, sha256 of every other file
+    meta.json              created once, LAST (create-only): names the attempt; job config, step,
+                           epoch, metrics, sha256 and size of every payload file
+    attempt-<32 hex>/      one writer's upload, under names no other writer uses:
+      model.safetensors    weights of the unwrapped model (no pickle)
+      state.pt             optimizer, schedule, scaler, RNG, progress (loaded with weights_only=True)
+      history.jsonl        every metric reported so far, cut at this step
+      meta.json            the step's meta.json without "attempt": the attempt folder is a complete
+                           checkpoint folder for every loader, wherever it is copied (CheckpointInfo.path
+                           points at it)
 
-A folder is committed once its meta.json exists; readers ignore folders without one and
-verify every size and hash before loading. Checkpoints from storage are untrusted input:
-file names come only from meta.json's own list, are plain names, are regular files (never
-a symlink), and must have the listed size and hash; nothing else in the folder is read.
+A step counts once its meta.json exists. Two writers of one step (a zombie worker and its
+replacement) upload into different attempts; the first to create meta.json wins, the other returns
+the winner once it verifies and removes its own attempt. Readers load only the attempt meta.json
+names, and verify every hash. Checkpoints written before attempts (payload beside meta.json, no
+"attempt" key) are read where they are. Cleanup removes only what no meta.json references and what
+nothing has written to for a grace period, so an upload in flight survives it. A committed
+checkpoint that does not verify is moved to `<run>/quarantine/` (never ranked, never deleted), and
+retention verifies what it keeps before it deletes anything. Checkpoints from storage are untrusted
+input: file names come only from meta.json's own list, are plain names, are regular files (never a
+symlink), and must have the listed size and hash; nothing else in the folder is read.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import shutil
 import stat
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,18 +63,33 @@ META_FILE = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
 PAYLOAD_FILES = (MODEL_FILE, STATE_FILE, HISTORY_FILE)
+ATTEMPT_PREFIX = "attempt-"
+UPLOADING_FILE = "uploading"  # in an attempt while its files go up, rewritten before each one: its age is the upload's
+QUARANTINE_DIR = "quarantine"  # beside checkpoints/, so nothing that lists checkpoints ever sees it
+QUARANTINE_NOTE = "quarantined.json"
+# An upload writes at least once per payload file: an unreferenced attempt untouched for this long is abandoned.
+# It must exceed the longest single-file upload (S3 stamps a multipart object with the time it began) plus
+# any difference between the reader's clock and the store's.
+CLEANUP_GRACE_S = 3600.0
+COMMIT_TRIES = 3
+_ATTEMPT_NAME = re.compile(r"attempt-[0-9a-f]{32}")
 
 
 @dataclass
 class CheckpointInfo:
     """A committed checkpoint as its meta.json describes it."""
 
-    path: str  # folder on the storage filesystem
-    name: str
+    path: str  # the folder holding meta.json and the payload: the committed attempt (a step folder before attempts)
+    name: str  # the step folder's name, step-NNNNNNNNN
     step: int
     epoch: int
     metrics: dict[str, float]
     meta: dict[str, Any] = field(repr=False)
+    step_path: str = ""  # the step folder, whose meta.json commits it ("": the same as path)
+    meta_sha256: str = field(default="", repr=False)  # of the step's meta.json: which commit this is
+
+    def __post_init__(self) -> None:
+        self.step_path = self.step_path or self.path
 
 
 @dataclass
@@ -118,19 +146,149 @@ def build_meta(
 
 
 def commit(storage: Storage, run_path: str, folder: Path, meta: dict[str, Any]) -> CheckpointInfo:
-    """Upload the payload, then meta.json: the folder counts only once every file is there."""
+    """Upload the payload into a fresh attempt folder, then create the step's meta.json naming it.
+
+    Returns the step's committed checkpoint: ours, or one that another writer committed first and
+    that verifies. A committed one that does not verify is quarantined and replaced, never returned."""
     name = checkpoint_name(meta["step"])
-    remote = f"{checkpoints_path(run_path)}/{name}"
-    if storage.exists(f"{remote}/{META_FILE}"):
-        # this step is committed already (e.g. preempted right after resuming at it): never
-        # overwrite a committed payload, its meta.json vouches for the files that are there
-        existing = _parse_meta(storage.read_bytes(f"{remote}/{META_FILE}"), f"{remote}/{META_FILE}")
-        return CheckpointInfo(remote, name, existing["step"], existing["epoch"], existing["metrics"], existing)
-    storage.put_folder(folder, remote, list(PAYLOAD_FILES))
+    step_path = f"{checkpoints_path(run_path)}/{name}"
+    existing = _committed_and_verified(storage, run_path, step_path)
+    if existing:  # committed already (e.g. preempted right after resuming at it): never upload it again
+        return existing
+    attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex}"
+    own_meta = json.dumps(meta, indent=1, allow_nan=True).encode()
+    meta = {**meta, "attempt": attempt}
     data = json.dumps(meta, indent=1, allow_nan=True).encode()
-    # create-only: two writers of one step (a zombie worker and its replacement) can't both commit
-    storage.write_bytes(f"{remote}/{META_FILE}", data, create_only=True)
-    return CheckpointInfo(remote, name, meta["step"], meta["epoch"], meta["metrics"], meta)
+    attempt_path = f"{step_path}/{attempt}"
+    _upload_attempt(storage, attempt_path, folder, meta["files"], own_meta)
+    for _ in range(COMMIT_TRIES):
+        try:
+            # create-only: of two writers of one step, exactly one commits
+            storage.write_bytes(f"{step_path}/{META_FILE}", data, create_only=True)
+        except FileExistsError:
+            winner = _committed_and_verified(storage, run_path, step_path)
+            if winner is None:
+                continue  # the one there did not verify and is quarantined now: try again
+            storage.rm(attempt_path)  # nothing references ours
+            log.info("%s was committed by another writer meanwhile; keeping that one", storage.display(step_path))
+            return winner
+        return CheckpointInfo(attempt_path, name, meta["step"], meta["epoch"], meta["metrics"], meta, step_path,
+                              hashlib.sha256(data).hexdigest())
+    raise FileExistsError(errno.EEXIST, "every try found another damaged commit of this step; not committed",
+                          storage.display(step_path))
+
+
+def _upload_attempt(storage: Storage, attempt_path: str, folder: Path, files: dict[str, Any], own_meta: bytes) -> None:
+    """Payload, then the attempt's own meta.json; then check that every file is still there."""
+    mark = f"{attempt_path}/{UPLOADING_FILE}"
+    for name in PAYLOAD_FILES:
+        storage.write_bytes(mark, b"")  # cleanup judges an attempt's age by its newest object
+        storage.put_file(folder / name, f"{attempt_path}/{name}")
+    storage.write_bytes(f"{attempt_path}/{META_FILE}", own_meta)
+    storage.rm(mark)
+    # a cleanup that judged this upload abandoned (a file took longer than its grace period) may have removed
+    # files already uploaded: committing then would vouch for files that are not there
+    stored = storage.files(attempt_path)
+    expected = {name: entry["bytes"] for name, entry in files.items()} | {META_FILE: len(own_meta)}
+    for name, size in expected.items():
+        if name not in stored or stored[name].size != size:
+            raise FileNotFoundError(errno.ENOENT, "removed during the upload (by a cleanup that judged it "
+                                    "abandoned?); not committed", storage.display(f"{attempt_path}/{name}"))
+
+
+# --- reading what is committed ----------------------------------------------------------
+
+
+def read_committed(storage: Storage, step_path: str) -> CheckpointInfo | None:
+    """The checkpoint a step folder's meta.json commits; None without one. UserError when it is malformed."""
+    where = f"{step_path}/{META_FILE}"
+    try:
+        raw = retry(storage.read_bytes, where, what="read checkpoint meta")
+    except FileNotFoundError:
+        return None
+    return _info_from(raw, step_path)
+
+
+def _info_from(raw: bytes, step_path: str) -> CheckpointInfo:
+    where = f"{step_path}/{META_FILE}"
+    meta = _parse_meta(raw, where)
+    attempt = meta.get("attempt")
+    if attempt is None:
+        path = step_path  # written before attempts: the payload is beside meta.json
+    elif isinstance(attempt, str) and _ATTEMPT_NAME.fullmatch(attempt):
+        path = f"{step_path}/{attempt}"
+    else:
+        raise UserError(f"{where}: 'attempt' must name an attempt folder ({ATTEMPT_PREFIX}<32 hex digits>)")
+    name = step_path.rstrip("/").rsplit("/", 1)[-1]
+    return CheckpointInfo(path, name, meta["step"], meta["epoch"], meta["metrics"], meta, step_path,
+                          hashlib.sha256(raw).hexdigest())
+
+
+def committed_folder(storage: Storage, path: str) -> str:
+    """The folder to load for a checkpoint path: a step folder's committed attempt, or the path itself."""
+    try:
+        info = read_committed(storage, path)
+    except UserError:
+        return path  # the loader names what is wrong with it
+    return info.path if info else path
+
+
+def verify(storage: Storage, info: CheckpointInfo) -> str | None:
+    """None when every file meta.json lists is stored with its size and sha256 (and an attempt's own meta.json,
+    which loaders check against, lists the same files); otherwise one line naming what is wrong. Streams each
+    file once."""
+    stored = storage.files(info.path)
+    for name, entry in info.meta["files"].items():
+        path = f"{info.path}/{name}"
+        where = storage.display(path)
+        size = entry.get("bytes")
+        if name not in stored:
+            return f"{where}: missing from the checkpoint (listed in {META_FILE})"
+        if isinstance(size, int) and stored[name].size != size:
+            return f"{where}: {stored[name].size} bytes, {META_FILE} says {size}; the checkpoint is damaged"
+        try:
+            digest = storage.sha256(path)
+        except FileNotFoundError:
+            return f"{where}: missing from the checkpoint (listed in {META_FILE})"
+        if digest != entry["sha256"]:
+            return f"{where}: sha256 does not match {META_FILE}; the checkpoint is damaged or was tampered with"
+    if info.path != info.step_path:
+        own = f"{info.path}/{META_FILE}"
+        raw = _read_or_none(storage, own)
+        try:
+            same = raw is not None and _parse_meta(raw, own)["files"] == info.meta["files"]
+        except (UserError, RecursionError):
+            same = False
+        if not same:
+            return f"{storage.display(own)}: lists other files than the step's {META_FILE}; the checkpoint is damaged"
+    return None
+
+
+def _committed_and_verified(storage: Storage, run_path: str, step_path: str) -> CheckpointInfo | None:
+    """The step's committed checkpoint if it verifies; one that does not is quarantined (None)."""
+    try:
+        info = read_committed(storage, step_path)
+    except UserError as error:
+        raw = _read_or_none(storage, f"{step_path}/{META_FILE}")
+        if raw is not None:
+            where = quarantine(storage, run_path, step_path, hashlib.sha256(raw).hexdigest(), str(error))
+            log.warning("%s; moved to %s", error, where)
+        return None
+    if info is None:
+        return None
+    problem = verify(storage, info)
+    if problem is None:
+        return info
+    where = quarantine(storage, run_path, info.step_path, info.meta_sha256, problem)
+    log.warning("%s: the committed checkpoint does not verify (%s); moved to %s", info.name, problem, where)
+    return None
+
+
+def _read_or_none(storage: Storage, path: str) -> bytes | None:
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        return None
 
 
 # --- listing ----------------------------------------------------------------------------
@@ -142,29 +300,13 @@ def list_committed(storage: Storage, run_path: str) -> list[CheckpointInfo]:
     found = []
     for name in storage.list_dirs(base):
         try:
-            raw = retry(storage.read_bytes, f"{base}/{name}/{META_FILE}", what="read checkpoint meta")
-        except FileNotFoundError:
-            continue  # uncommitted: an upload that never finished
-        try:
-            meta = _parse_meta(raw, f"{base}/{name}/{META_FILE}")
+            info = read_committed(storage, f"{base}/{name}")
         except UserError as error:
             log.warning("ignoring checkpoint: %s", error)
             continue
-        found.append(CheckpointInfo(f"{base}/{name}", name, meta["step"], meta["epoch"], meta["metrics"], meta))
+        if info is not None:  # None: uncommitted, an upload that never finished (or one still going)
+            found.append(info)
     return sorted(found, key=lambda info: info.step)
-
-
-def list_uncommitted(storage: Storage, run_path: str) -> list[str]:
-    base = checkpoints_path(run_path)
-    return [name for name in storage.list_dirs(base) if not storage.exists(f"{base}/{name}/{META_FILE}")]
-
-
-def remove_uncommitted(storage: Storage, run_path: str) -> list[str]:
-    """Delete orphaned uploads. Only the driver calls this, at start, when no upload can be running."""
-    orphans = list_uncommitted(storage, run_path)
-    for name in orphans:
-        storage.rm(f"{checkpoints_path(run_path)}/{name}")
-    return orphans
 
 
 def latest(storage: Storage, run_path: str) -> CheckpointInfo | None:
@@ -186,21 +328,190 @@ def select_best(infos: list[CheckpointInfo], metric: str, mode: str, k: int = 1)
     return [info for _, info in scored[:k]]
 
 
-def apply_retention(storage: Storage, run_path: str, keep_best: int, metric: str, mode: str) -> list[str]:
-    """Keep the best `keep_best` by the job metric and the newest; remove the rest."""
+# --- what no meta.json references --------------------------------------------------------
+
+
+@dataclass
+class Unreferenced:
+    """An attempt folder or a file in a step folder that no meta.json references."""
+
+    step: str  # the step folder's name
+    part: str  # the attempt folder's or the file's name in it
+    path: str
+    modified: float | None  # its newest file's modification time, by the store's clock
+    committed: bool  # whether the step has a meta.json (that references something else)
+
+
+def list_uncommitted(storage: Storage, run_path: str) -> list[str]:
+    """What no meta.json references, whatever its age: a step folder without meta.json (its name), or an
+    attempt or file beside a committed one ("step-…/attempt-…")."""
+    labels = []
+    for part in _unreferenced(storage, run_path):
+        label = f"{part.step}/{part.part}" if part.committed else part.step
+        if label not in labels:
+            labels.append(label)
+    return labels
+
+
+def remove_uncommitted(storage: Storage, run_path: str, grace_s: float = CLEANUP_GRACE_S,
+                       now: float | None = None) -> list[str]:
+    """Delete what no meta.json references and nothing has written to for `grace_s` seconds: abandoned
+    uploads. An upload in flight writes at least once per file, so it survives. Ages are judged on this
+    reader's clock (`now`, default time.time()) against the store's modification times. Returns what went:
+    a step folder's name when all of it went, else "step-…/part"."""
+    now = time.time() if now is None else now
+    by_step: dict[str, list[Unreferenced]] = {}
+    for part in _unreferenced(storage, run_path):
+        by_step.setdefault(part.step, []).append(part)
+    removed = []
+    for step, parts in by_step.items():
+        step_path = f"{checkpoints_path(run_path)}/{step}"
+        gone = []
+        for part in parts:
+            age = now - part.modified if part.modified is not None else 0.0
+            if grace_s > 0 and age <= grace_s:
+                continue  # maybe an upload in flight
+            referenced = _referenced_parts(storage, step_path)
+            if referenced is None or part.part in referenced:
+                continue  # committed meanwhile
+            storage.rm(part.path)
+            gone.append(part)
+        if gone and len(gone) == len(parts) and not parts[0].committed:
+            storage.remove_empty_folder(step_path)
+            removed.append(step)
+        else:
+            removed += [f"{step}/{part.part}" for part in gone]
+    return removed
+
+
+def _unreferenced(storage: Storage, run_path: str) -> list[Unreferenced]:
+    base = checkpoints_path(run_path)
+    found = []
+    for step in storage.list_dirs(base):
+        step_path = f"{base}/{step}"
+        stored = storage.files(step_path)  # one listing per step folder: names, sizes, times
+        committed = META_FILE in stored
+        referenced = _referenced_parts(storage, step_path) if committed else {META_FILE}
+        if referenced is None:
+            continue  # a malformed meta.json: what it meant to reference is unknown, so leave it all
+        times: dict[str, list[float | None]] = {}
+        for key, file in stored.items():
+            part = key.split("/", 1)[0]
+            if part not in referenced:
+                times.setdefault(part, []).append(file.modified)
+        for part, modified in sorted(times.items()):
+            newest = None if None in modified else max(modified)
+            found.append(Unreferenced(step, part, f"{step_path}/{part}", newest, committed))
+    return found
+
+
+def _referenced_parts(storage: Storage, step_path: str) -> set[str] | None:
+    """Names in a step folder that its meta.json references (meta.json included); None when it is malformed."""
+    try:
+        info = read_committed(storage, step_path)
+    except UserError:
+        return None
+    if info is None:
+        return {META_FILE}
+    if info.path != info.step_path:
+        return {META_FILE, info.path.rsplit("/", 1)[-1]}
+    return {META_FILE, *info.meta["files"]}
+
+
+# --- damage and retention ---------------------------------------------------------------
+
+
+def quarantine(storage: Storage, run_path: str, step_path: str, meta_sha256: str, why: str) -> str | None:
+    """Move a committed checkpoint that does not verify out of checkpoints/ into `<run>/quarantine/`
+    (kept for a person to look at, never listed, ranked or loaded). Only the commit judged (its meta.json's
+    sha256) is moved; returns where it went, or None when that commit is no longer there."""
+    meta_path = f"{step_path}/{META_FILE}"
+    raw = _read_or_none(storage, meta_path)
+    if raw is None or hashlib.sha256(raw).hexdigest() != meta_sha256:
+        return None  # someone else moved or deleted it meanwhile
+    try:
+        payload = _info_from(raw, step_path).path
+    except UserError:
+        payload = step_path  # a malformed meta.json: move what lies beside it
+    step = step_path.rstrip("/").rsplit("/", 1)[-1]
+    destination = f"{run_path}/{QUARANTINE_DIR}/{step}-{uuid.uuid4().hex[:8]}"
+    stored = storage.files(step_path)
+    if payload != step_path:
+        attempt = payload.rsplit("/", 1)[-1]
+        keys = [key for key in stored if key.startswith(f"{attempt}/")]
+    else:
+        keys = [key for key in stored if "/" not in key and key != META_FILE]
+    for key in keys:
+        storage.copy_file(f"{step_path}/{key}", f"{destination}/{key}")
+    storage.write_bytes(f"{destination}/{META_FILE}", raw)
+    note = {"from": storage.display(step_path), "reason": why, "time": time.time()}
+    storage.write_bytes(f"{destination}/{QUARANTINE_NOTE}", json.dumps(note, indent=1).encode())
+    again = _read_or_none(storage, meta_path)
+    if again is None or hashlib.sha256(again).hexdigest() != meta_sha256:
+        storage.rm(destination)  # a concurrent quarantine moved it first
+        return None
+    storage.rm(meta_path)  # meta.json first: the rest then reads as unreferenced, never as committed
+    for path in [payload] if payload != step_path else [f"{step_path}/{key}" for key in keys]:
+        storage.rm(path)
+    storage.remove_empty_folder(step_path)
+    return storage.display(destination)
+
+
+def apply_retention(storage: Storage, run_path: str, keep_best: int, metric: str, mode: str,
+                    verified: set[str] | None = None) -> list[str]:
+    """Keep the best `keep_best` by the job metric and the newest checkpoint that verifies; remove the rest.
+
+    Before anything is removed, what is kept is verified: damaged checkpoints (even the best or the newest)
+    are quarantined and the next good one is kept in their place; when none verifies, nothing is touched.
+    `verified`: keys of checkpoints already verified by this process (see `_verified_key`), kept up to date."""
     committed = list_committed(storage, run_path)
     if not committed:
         return []
     keep = {info.name for info in select_best(committed, metric, mode, keep_best)} | {committed[-1].name}
+    if all(info.name in keep for info in committed):
+        return []  # nothing to remove, so nothing to verify
+    verified = set() if verified is None else verified
+    damaged: dict[str, tuple[CheckpointInfo, str]] = {}
+
+    def good(info: CheckpointInfo) -> bool:
+        if _verified_key(info) in verified:
+            return True
+        if info.name not in damaged:
+            problem = verify(storage, info)
+            if problem is None:
+                verified.add(_verified_key(info))
+                return True
+            damaged[info.name] = (info, problem)
+        return False
+
+    newest = next((info for info in reversed(committed) if good(info)), None)
+    if newest is None:
+        log.warning("retention: no committed checkpoint in %s verifies; removing nothing", storage.display(run_path))
+        return []
+    best = []
+    for info in select_best(committed, metric, mode, len(committed)):
+        if len(best) == keep_best:
+            break
+        if good(info):
+            best.append(info.name)
+    keep = {newest.name, *best}
+    for info, problem in damaged.values():
+        where = quarantine(storage, run_path, info.step_path, info.meta_sha256, problem)
+        log.warning("%s does not verify (%s); moved to %s", info.name, problem, where)
     removed = []
     for info in committed:
-        if info.name in keep:
+        if info.name in keep or info.name in damaged:
             continue
         # meta.json first: a half-deleted folder then reads as uncommitted, never as broken
-        storage.rm(f"{info.path}/{META_FILE}")
+        storage.rm(f"{info.step_path}/{META_FILE}")
         storage.rm(info.path)
+        storage.remove_empty_folder(info.step_path)
         removed.append(info.name)
     return removed
+
+
+def _verified_key(info: CheckpointInfo) -> str:
+    return f"{info.path}#{info.meta_sha256}"
 
 
 # --- loading ----------------------------------------------------------------------------

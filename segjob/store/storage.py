@@ -17,7 +17,9 @@ the commit primitive: it never replaces an object that is already there.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
+import hashlib
 import logging
 import os
 import random
@@ -28,6 +30,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -143,6 +146,13 @@ def _gcs_filesystem(endpoint: str | None) -> fsspec.AbstractFileSystem:
 
 
 # --- the storage ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    size: int
+    modified: float | None  # seconds since the epoch by the store's own clock; None when it gives none
+
 
 
 class Storage:
@@ -273,6 +283,45 @@ class Storage:
             replace_dir(partial, dest)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+    def files(self, path: str) -> dict[str, StoredFile]:
+        """Every file under path (one listing): its key relative to path -> size and modification time."""
+        prefix = path.rstrip("/") + "/"
+        try:
+            found = retry(self.fs.find, path, detail=True, what=f"list {path}")
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return {
+            name[len(prefix):]: StoredFile(int(info.get("size") or 0), _modified(info))
+            for name, info in found.items()
+            if name.startswith(prefix) and not name.endswith("/") and info.get("type") != "directory"
+        }
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of one stored file, streamed (nothing kept in memory or on disk)."""
+        return retry(self._sha256, path, what=f"read {path}")
+
+    def _sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    def copy_file(self, source: str, destination: str) -> None:
+        """Copy one stored file (server-side on S3 and GCS)."""
+        if self.is_local:
+            _local_write(destination, lambda tmp: shutil.copyfile(source, tmp))
+        else:
+            retry(self.fs.cp_file, source, destination, what=f"copy {source}")
+
+    def remove_empty_folder(self, path: str) -> None:
+        """Remove a local folder if nothing is in it; object stores have no folders to remove."""
+        if self.is_local:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # not empty (a writer got there meanwhile), or already gone
 
     def rm(self, path: str) -> None:
         try:
@@ -434,6 +483,23 @@ def _status_of(error: BaseException) -> tuple[int | None, str | None]:
 
 
 # --- helpers ----------------------------------------------------------------------------
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """A listing entry's modification time: local `mtime` (seconds), S3 `LastModified` and GCS `mtime`
+    (datetimes), or GCS `updated` (RFC 3339 text)."""
+    for key in ("mtime", "LastModified", "updated"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime.datetime):
+            return value.timestamp() if value.tzinfo else value.replace(tzinfo=datetime.timezone.utc).timestamp()
+        if isinstance(value, str) and value:
+            try:
+                return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def _check_relative_key(key: str, folder: str) -> None:
