@@ -27,7 +27,7 @@ from segjob.pull import PULLED_FILE, main
 from segjob.store import checkpoint
 from segjob.store.storage import Storage
 
-BEST = "trials/a1a1a1a1/checkpoints/step-000000008"  # the sweep's best checkpoint by val/miou
+STEP = "trials/a1a1a1a1/checkpoints/step-000000008"  # the sweep's best checkpoint by val/miou
 CHECKPOINT_FILES = [checkpoint.HISTORY_FILE, checkpoint.META_FILE, checkpoint.MODEL_FILE, checkpoint.STATE_FILE]
 BLOB = 20 << 20  # what a bucket writer adds; never downloaded
 LITTLE = 2 << 20  # more than everything a pull of the tiny sweep reads
@@ -42,6 +42,12 @@ class Source:
     flags: list[str]  # pull's --endpoint-url (through the proxy) on S3
     folder: Path | None  # the local storage folder, None on S3
     proxy: TcpProxy | None
+
+    @property
+    def best(self) -> str:
+        """The best checkpoint's committed attempt (what its step folder's meta.json names), relative to the root."""
+        attempt = checkpoint.committed_folder(self.storage, self.path(STEP))
+        return attempt.removeprefix(self.storage.root).strip("/")
 
     def path(self, *parts: str) -> str:
         return self.storage.path(*parts)
@@ -119,9 +125,9 @@ def downloaded(source: Source) -> int:
 
 
 def test_only_the_files_meta_json_lists_are_downloaded(source, tmp_path, capsys):
-    source.write(b"\0" * BLOB, BEST, "blob.bin")
-    source.write(b"not in meta.json", BEST, "sub", "extra.txt")
-    source.write(b"{}", BEST, "meta.json.bak")
+    source.write(b"\0" * BLOB, source.best, "blob.bin")
+    source.write(b"not in meta.json", source.best, "sub", "extra.txt")
+    source.write(b"{}", source.best, "meta.json.bak")
     assert pull(source, "--to", tmp_path / "best") == 0
     assert sorted(p.name for p in (tmp_path / "best").iterdir()) == sorted(CHECKPOINT_FILES + [PULLED_FILE])
     assert downloaded(source) < LITTLE, "the 20 MB blob was never read"
@@ -131,11 +137,11 @@ def test_only_the_files_meta_json_lists_are_downloaded(source, tmp_path, capsys)
 
 def test_a_file_larger_than_meta_json_lists_is_refused_as_it_streams(source, tmp_path, capsys):
     earlier_pull(source, tmp_path / "best", capsys)
-    model = source.read(BEST, checkpoint.MODEL_FILE)
-    source.write(model + b"\0" * BLOB, BEST, checkpoint.MODEL_FILE)  # meta.json's size is now smaller
+    model = source.read(source.best, checkpoint.MODEL_FILE)
+    source.write(model + b"\0" * BLOB, source.best, checkpoint.MODEL_FILE)  # meta.json's size is now smaller
     before = downloaded(source)
     message = refused(source, capsys, "--to", tmp_path / "best", keep=tmp_path / "best")
-    assert message == (f"{source.display(BEST, checkpoint.MODEL_FILE)}: larger than the {len(model)} bytes "
+    assert message == (f"{source.display(source.best, checkpoint.MODEL_FILE)}: larger than the {len(model)} bytes "
                        f"meta.json lists; the checkpoint is damaged or was tampered with")
     assert downloaded(source) - before < LITTLE, "the download stopped at the listed size"
     assert sorted(p.name for p in tmp_path.iterdir()) == (["best", "sweep"] if source.folder else ["best"])
@@ -143,26 +149,26 @@ def test_a_file_larger_than_meta_json_lists_is_refused_as_it_streams(source, tmp
 
 def test_a_file_whose_sha256_differs_is_refused(source, tmp_path, capsys):
     earlier_pull(source, tmp_path / "best", capsys)
-    state = bytearray(source.read(BEST, checkpoint.STATE_FILE))
+    state = bytearray(source.read(source.best, checkpoint.STATE_FILE))
     state[len(state) // 2] ^= 0xFF  # same size, other bytes
-    source.write(bytes(state), BEST, checkpoint.STATE_FILE)
+    source.write(bytes(state), source.best, checkpoint.STATE_FILE)
     message = refused(source, capsys, "--to", tmp_path / "best", keep=tmp_path / "best")
-    assert message.startswith(f"{source.display(BEST, checkpoint.STATE_FILE)}: sha256 does not match meta.json")
+    assert message.startswith(f"{source.display(source.best, checkpoint.STATE_FILE)}: sha256 does not match meta.json")
     with pytest.raises(UserError, match="sha256 does not match") as loading:  # evaluate and resume load it this way
-        checkpoint.load(source.storage, source.path(BEST))
-    assert str(loading.value).startswith(source.display(BEST, checkpoint.STATE_FILE))
+        checkpoint.load(source.storage, source.path(source.best))
+    assert str(loading.value).startswith(source.display(source.best, checkpoint.STATE_FILE))
 
 
 def test_a_symlink_in_a_local_checkpoint_is_refused_not_followed(tmp_path, capsys):
     source = Source(str(tmp_path / "sweep"), write_sweep(str(tmp_path / "sweep")), [], tmp_path / "sweep", None)
     earlier_pull(source, tmp_path / "best", capsys)
-    model = Path(source.path(BEST, checkpoint.MODEL_FILE))
+    model = Path(source.path(source.best, checkpoint.MODEL_FILE))
     elsewhere = tmp_path / "outside" / "weights"  # the same bytes: sha256 and size would match
     elsewhere.parent.mkdir()
     elsewhere.write_bytes(model.read_bytes())
     model.unlink()
     model.symlink_to(elsewhere)
-    history = Path(source.path(BEST, checkpoint.HISTORY_FILE))
+    history = Path(source.path(source.best, checkpoint.HISTORY_FILE))
     message = refused(source, capsys, "--to", tmp_path / "best", keep=tmp_path / "best")
     assert message.startswith(f"{model}: a symbolic link; a checkpoint holds only regular files")
 
@@ -173,7 +179,7 @@ def test_a_symlink_in_a_local_checkpoint_is_refused_not_followed(tmp_path, capsy
     message = refused(source, capsys, "--to", tmp_path / "best", keep=tmp_path / "best")
     assert message.startswith(f"{history}: a symbolic link")
     with pytest.raises(UserError, match="a symbolic link"):
-        checkpoint.load(source.storage, source.path(BEST))
+        checkpoint.load(source.storage, source.path(source.best))
 
 
 # --- meta.json and history.jsonl that are not what segjob writes -------------------------
@@ -181,7 +187,7 @@ def test_a_symlink_in_a_local_checkpoint_is_refused_not_followed(tmp_path, capsy
 
 def test_a_meta_json_nested_200k_deep_is_skipped_as_damaged(source, tmp_path, capsys):
     deep = b"[" * 200_000 + b"]" * 200_000
-    source.write(deep, BEST, checkpoint.META_FILE)
+    source.write(deep, STEP, checkpoint.META_FILE)  # the meta.json listing reads
     run = source.path("trials", "a1a1a1a1")
     assert checkpoint.latest(source.storage, run).step == 4, "resume skips it instead of blocking"
     assert pull(source, "--to", tmp_path / "best") == 0  # the best undamaged checkpoint instead
@@ -234,10 +240,10 @@ def test_wrong_types_in_meta_json_are_one_line(source, tmp_path, capsys, case):
 ])
 def test_a_bad_history_line_is_one_line(source, tmp_path, capsys, line, expected):
     earlier_pull(source, tmp_path / "best", capsys)
-    history = source.read(BEST, checkpoint.HISTORY_FILE)
-    source.replace_consistently(BEST, checkpoint.HISTORY_FILE, history + line + b"\n")
+    history = source.read(source.best, checkpoint.HISTORY_FILE)
+    source.replace_consistently(source.best, checkpoint.HISTORY_FILE, history + line + b"\n")
     message = refused(source, capsys, "--to", tmp_path / "best", keep=tmp_path / "best")
-    assert message == f"{source.display(BEST, checkpoint.HISTORY_FILE)}: {expected}"
+    assert message == f"{source.display(source.best, checkpoint.HISTORY_FILE)}: {expected}"
 
 
 # --- a checkpoint removed while it is pulled ----------------------------------------------
@@ -246,20 +252,21 @@ def test_a_bad_history_line_is_one_line(source, tmp_path, capsys, line, expected
 @pytest.mark.parametrize("when", ["fetch", "_download_listed"])  # before meta.json is read, or after it
 def test_a_checkpoint_removed_while_pulling_is_one_line(source, tmp_path, capsys, monkeypatch, when):
     earlier_pull(source, tmp_path / "best", capsys)
+    best = source.best  # the attempt pull is about to fetch
     original = getattr(checkpoint, when)
     removed = []
 
     def retention_runs_first(*args, **kwargs):
         if not removed:  # as apply_retention removes a checkpoint: meta.json first, then the folder
-            source.storage.rm(source.path(BEST, checkpoint.META_FILE))
-            source.storage.rm(source.path(BEST))
-            removed.append(BEST)
+            source.storage.rm(source.path(STEP, checkpoint.META_FILE))
+            source.storage.rm(source.path(STEP))
+            removed.append(STEP)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(checkpoint, when, retention_runs_first)
     message = one_line_error(main, [source.uri, *source.flags, "--to", str(tmp_path / "best")], capsys,
                              keep=[tmp_path / "best"])
-    assert removed and message == (f"{source.display(BEST)}: changed while pulling (removed, e.g. by the run's "
+    assert removed and message == (f"{source.display(best)}: changed while pulling (removed, e.g. by the run's "
                                    f"retention); pull again")
     monkeypatch.undo()
     assert pull(source, "--to", tmp_path / "best") == 0, "pulling again takes the best one left"
