@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                      job.name, done["epochs"], done["step"])
             return 0
         announce(storage, run_path, job)
-        orphans = checkpoint.remove_uncommitted(storage, run_path)  # safe: no other driver, no upload running
+        # only uploads no meta.json names and nothing has written to for a grace period: one in flight survives
+        orphans = checkpoint.remove_uncommitted(storage, run_path)
         if orphans:
             log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
 

@@ -75,7 +75,9 @@ def test_a_user_error_on_a_worker_comes_back_as_one_line(ray_cluster, tmp_path, 
     # a finished 1-step run whose every checkpoint is then damaged: the worker can't resume
     common = [*SMALL, "train.max_steps_per_epoch=1", "scaling.num_workers=1", f"storage.uri={tmp_path}"]
     assert train(*common, "train.epochs=1") == 0
-    for weights in (tmp_path / "quickstart/checkpoints").glob("*/model.safetensors"):
+    damaged = list((tmp_path / "quickstart/checkpoints").rglob("model.safetensors"))  # in each step's attempt
+    assert damaged
+    for weights in damaged:
         weights.write_bytes(b"damaged")
     capsys.readouterr()
     assert train(*common, "train.epochs=2", "failure.max_failures=0") == 2

@@ -62,7 +62,8 @@ def make_trial_function(sweep: Sweep, use_gpu: bool) -> Callable[[dict[str, Any]
             log.info("already trained (%d epochs); reporting its final evaluation", done["epochs"])
             ray.tune.report(done["metrics"])
             return
-        # this trial's previous attempt is gone (Tune starts a trial again only then): no upload can be running
+        # this trial's previous attempt is gone (Tune starts a trial again only then); the grace period spares
+        # an upload in flight all the same
         checkpoint.remove_uncommitted(storage, run_path)
         driver.forget_ray_snapshot(storage, run_path)
         trainer = driver.build_trainer(job, storage, use_gpu, callbacks=[EvaluationsToTune()], log_label=trial_id)
