@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,3 +72,18 @@ def assert_same_as_reference(loaded, reference) -> None:
     losses = {r["step"]: r["train/step_loss"] for r in loaded.history if "train/step_loss" in r}
     reference_losses = {r["step"]: r["train/step_loss"] for r in reference.history if "train/step_loss" in r}
     assert losses == reference_losses
+
+
+def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
+    """Start fn(*args) on a daemon thread; its return value or exception lands in the dict."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome

@@ -15,13 +15,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import torch
+from faults import in_thread
 from proxy import TcpProxy, wait_for
 
 from segjob.store import checkpoint
@@ -57,18 +57,6 @@ def payload(tmp_path: Path, step: int, seed: int, big: bool = False) -> tuple[Pa
     return folder, meta
 
 
-def in_thread(fn, *args) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def step_path(storage: Storage, step: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import CrashAfter
 
 from segjob.engine import loop
 from segjob.engine.session import LocalSession
@@ -157,20 +158,6 @@ def tiny_job(storage_uri: str) -> JobConfig:
         "storage": {"uri": storage_uri, "keep_best": 1},
         "preemption": {"aws_metadata_url": None, "gcp_metadata_url": None},  # tests talk to loopback only
     })
-
-
-class CrashAfter(LocalSession):
-    """A session whose process 'dies' right after the n-th report (its checkpoint is committed)."""
-
-    def __init__(self, reports: int):
-        super().__init__("cpu")
-        self.remaining = reports
-
-    def report(self, metrics, checkpoint_path):
-        super().report(metrics, checkpoint_path)
-        self.remaining -= 1
-        if self.remaining == 0:
-            raise KeyboardInterrupt("simulated crash")
 
 
 def test_resume_quarantines_a_damaged_newest_and_goes_on_from_the_good_one(tmp_path, caplog):

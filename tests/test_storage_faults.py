@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import torch
+from faults import in_thread
 from proxy import TcpProxy, wait_for
 
 from segjob.store import checkpoint
@@ -68,18 +69,6 @@ def _payload(tmp_path: Path, step: int, big: bool) -> tuple[Path, dict]:
     return folder, meta
 
 
-def _in_thread(fn, *args) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 # --- cuts -------------------------------------------------------------------------------
@@ -92,7 +81,7 @@ def test_cut_during_commit_leaves_nothing_committed_and_the_next_commit_works(s3
     folder, meta = _payload(tmp_path, step=1, big=True)
 
     proxy.delay(0.01)  # >= 0.64 s per 4 MiB file: a wide "upload in progress" window
-    thread, outcome = _in_thread(checkpoint.commit, storage, run_path, folder, meta)
+    thread, outcome = in_thread(checkpoint.commit, storage, run_path, folder, meta)
     # Cut once model.safetensors has landed, while state.pt (4 MiB) is on the wire.
     assert wait_for(lambda: any(key.endswith(f"/{checkpoint.MODEL_FILE}") for key in watcher.files(first)), timeout=20)
     proxy.cut()
