@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import itertools
 import os
+from urllib.parse import urlsplit
 
 import loopback_guard
 import pytest
+from proxy import TcpProxy
 from servers import create_gcs_bucket, create_s3_bucket, start_gcs_emulator, start_moto
 
 from segjob.engine.preemption import cloud
@@ -154,3 +156,11 @@ def ray_cluster(s3_endpoint, gcs_endpoint):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    """A loopback TCP proxy in front of the moto S3 server: a test slows or cuts a writer's uploads with it."""
+    target = urlsplit(s3_endpoint)
+    with TcpProxy(target.hostname, target.port) as running:
+        yield running

@@ -17,24 +17,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 import torch
 from faults import in_thread
-from proxy import TcpProxy, wait_for
+from proxy import wait_for
 
 from segjob.store import checkpoint
 from segjob.store.storage import Storage, open_storage
 
 RUN = "run"
-
-
-@pytest.fixture
-def proxy(s3_endpoint):
-    target = urlsplit(s3_endpoint)
-    with TcpProxy(target.hostname, target.port) as running:
-        yield running
 
 
 @pytest.fixture

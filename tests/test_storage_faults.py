@@ -42,13 +42,6 @@ def small_budget(monkeypatch):
 
 
 @pytest.fixture
-def proxy(s3_endpoint):
-    target = urlsplit(s3_endpoint)
-    with TcpProxy(target.hostname, target.port) as running:
-        yield running
-
-
-@pytest.fixture
 def s3_pair(s3_endpoint, s3_bucket, proxy):
     """Opens (storage through the proxy, storage straight to moto that the test watches
     with); a function, so that budgets patched by the test apply to the clients."""

@@ -30,7 +30,6 @@ recorded metrics name (val/iou/<class>), and the input channels come from the we
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from contextlib import contextmanager
@@ -260,7 +259,7 @@ def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | 
         folder = choose_checkpoint(storage, path, pick)
     where = storage.display(folder)
     with untrusted_json(where):
-        loaded = load_checkpoint(storage, folder, where)
+        loaded = checkpoint.load(storage, folder)
         job = job_from_meta(loaded.meta, where, data_root, data_overrides)
     datasets = None
     located = names_data_location(job, data_root, data_overrides)
@@ -304,37 +303,7 @@ def classes_without_data(job: JobConfig, loaded: checkpoint.LoadedCheckpoint,
     return class_names, None
 
 
-def load_checkpoint(storage: Storage, folder: str, where: str) -> checkpoint.LoadedCheckpoint:
-    """checkpoint.load, with a history.jsonl whose lines are not JSON objects refused in one line."""
-    history_file = f"{where}/{checkpoint.HISTORY_FILE}"
-    try:
-        loaded = checkpoint.load(storage, folder)
-    except json.JSONDecodeError as error:  # the hash matched: whoever wrote meta.json wrote this too
-        raise UserError(f"{history_file}: a line is not JSON ({error.msg}); the checkpoint is damaged "
-                        f"or was not written by segjob") from None
-    for number, record in enumerate(loaded.history, start=1):
-        if not isinstance(record, dict):
-            raise UserError(f"{history_file}: record {number} is not a JSON object; the checkpoint is damaged "
-                            f"or was not written by segjob")
-    return loaded
-
-
 # --- a run's history --------------------------------------------------------------------
-
-
-def parse_history(raw: bytes, where: str) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{where}: line {number} is not JSON") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: line {number} is not a JSON object")
-        records.append(record)
-    return records
 
 
 def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[str, Any]], str]:
@@ -345,7 +314,7 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
     with untrusted_json(storage.display(path)):
         if storage.exists(f"{path}/{checkpoint.META_FILE}"):
             path = checkpoint.committed_folder(storage, path)
-            return load_checkpoint(storage, path, storage.display(path)).history, storage.display(path)
+            return checkpoint.load(storage, path).history, storage.display(path)
         committed = checkpoint.list_committed(storage, path)
     if not committed:
         raise UserError(f"{storage.display(path)}: no committed checkpoints (expected a run folder, e.g. "
@@ -363,5 +332,5 @@ def run_history(uri: str, endpoint_url: str | None = None) -> tuple[list[dict[st
             log.warning("%s; trying the checkpoint before", problems[-1])
             continue
         with untrusted_json(where):
-            return parse_history(raw, where), storage.display(info.path)
+            return checkpoint.parse_history(raw, where), storage.display(info.path)
     raise UserError(f"no readable history among {len(committed)} committed checkpoints; newest: {problems[0]}")

@@ -581,7 +581,7 @@ def load_folder(folder: Path, expected_run: str | None = None) -> LoadedCheckpoi
     except Exception as error:  # an unpickling error means a payload beyond plain tensors and containers
         raise UserError(f"{folder / STATE_FILE}: refused by the safe loader ({type(error).__name__}); "
                         f"not a segjob state file") from None
-    history = _parse_history(payload[HISTORY_FILE], str(folder / HISTORY_FILE))
+    history = parse_history(payload[HISTORY_FILE], str(folder / HISTORY_FILE))
     return LoadedCheckpoint(model_state, train_state, history, meta)
 
 
@@ -652,7 +652,8 @@ def _deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _parse_history(raw: bytes, where: str) -> list[dict[str, Any]]:
+def parse_history(raw: bytes, where: str) -> list[dict[str, Any]]:
+    """history.jsonl's records; a line that is not a JSON object is one UserError line naming it."""
     records = []
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
