@@ -102,11 +102,7 @@ def locate(uri: str, endpoint_url: str | None = None) -> tuple[Storage, str]:
         if not Path(storage.root).is_dir():
             raise UserError(f"{uri}: no such folder")
     else:
-        try:
-            storage.check()
-        except UserError as error:  # the store names job keys; here the same setting is a flag
-            raise UserError(str(error).replace("storage.endpoint_url", "--endpoint-url")
-                            .replace("fix storage.uri", "fix the URI")) from None
+        storage.check(uri_setting="the URI", endpoint_setting="--endpoint-url")
     return storage, storage.root
 
 

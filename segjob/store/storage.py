@@ -329,12 +329,13 @@ class Storage:
         except FileNotFoundError:
             pass
 
-    def check(self) -> None:
-        """Raise one UserError line when this storage can't be used; create a local root."""
+    def check(self, uri_setting: str = "storage.uri", endpoint_setting: str = "storage.endpoint_url") -> None:
+        """Raise one UserError line when this storage can't be used; create a local root. The
+        settings are what the fix names: job keys by default, a command's own flags where it has them."""
         if self.is_local:
             _check_local_root(self.root)
         else:
-            self._check_bucket()
+            self._check_bucket(uri_setting, endpoint_setting)
 
     # --- check() for buckets ------------------------------------------------------------
 
@@ -347,9 +348,9 @@ class Storage:
             return f" at {_without_userinfo(self.endpoint_url)}"
         return ""
 
-    def _check_bucket(self) -> None:
+    def _check_bucket(self, uri_setting: str, endpoint_setting: str) -> None:
         where = self._where()
-        fix_endpoint = "storage.endpoint_url (or AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST)"
+        fix_endpoint = f"{endpoint_setting} (or AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST)"
         if self.endpoint_url:
             reason = _tcp_unreachable(self.endpoint_url)
             if reason:
@@ -360,7 +361,7 @@ class Storage:
             _within(CHECK_TIMEOUT_S, self._probe_bucket)
         except FileNotFoundError:
             raise UserError(
-                f"{self.uri}: bucket '{self.bucket}' does not exist{where}; create it or fix storage.uri"
+                f"{self.uri}: bucket '{self.bucket}' does not exist{where}; create it or fix {uri_setting}"
             ) from None
         except TimeoutError:
             raise UserError(
