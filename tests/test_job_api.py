@@ -39,6 +39,7 @@ from servers import free_port, wait_until_answers
 
 from segjob import pull
 from segjob.store import checkpoint, run_folder
+from segjob.store.lease import LEASE_FILE, Holder, read_fences
 from segjob.store.storage import open_storage
 
 pytestmark = pytest.mark.ray
@@ -252,6 +253,11 @@ def test_a_killed_sweep_driver_resumes_when_the_same_command_is_submitted_again(
     logs = again.stdout
     assert again.returncode == 0, logs[-4000:] + again.stderr[-2000:]
     assert f"restoring sweep '{name}'" in logs and "restored the scheduler's state" in logs
+    # the killed driver ran on this host and its pid is gone: the lease is taken over at once, one generation on
+    assert "taking over the run from a driver that is gone" in logs
+    lease = Holder.parse(storage.read_bytes(f"{sweep}/trials/{LEASE_FILE}"), LEASE_FILE)
+    assert lease.generation == 2 and lease.released
+    assert read_fences(storage, f"{sweep}/trials/{interrupted}").get(2) is not None, "the trial resumed under it"
     assert f"resumed {interrupted} from step-" in logs, "the interrupted trial continued from its checkpoint"
     assert f"resumed {finished} " not in logs and f"trial {finished} started" not in logs, \
         "the finished trial was not run again"

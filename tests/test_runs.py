@@ -1,10 +1,6 @@
-"""The run folder's identity and ownership: recorded job, --restart names, the driver lease."""
+"""The run folder's identity: recorded job, --restart names (the driver lease: tests/test_lease.py)."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -58,31 +54,3 @@ def test_restart_names_a_fresh_run_beside_the_old(storage):
     assert run_folder.fresh_run_name(storage, "run") == "run-r2"
     run_folder.check_same_job(storage, storage.path("run-r2"), job(name="run-r2"), "j")
     assert run_folder.fresh_run_name(storage, "run") == "run-r3"
-
-
-def write_lease(storage, **record):
-    storage.write_bytes(storage.path("run", run_folder.LEASE_FILE), json.dumps(record).encode())
-
-
-def test_a_live_driver_on_this_host_is_not_taken_over(storage):
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        write_lease(storage, owner="x", host=socket.gethostname(), pid=other.pid, heartbeat=time.time())
-        with pytest.raises(UserError, match=f"being driven by .* pid {other.pid}"):
-            run_folder.Lease(storage, storage.path("run")).acquire()
-    finally:
-        other.kill()
-        other.wait()
-    with run_folder.Lease(storage, storage.path("run")) as lease:  # its process is gone: taken over at once
-        assert json.loads(storage.read_bytes(lease.path))["owner"] == lease.record["owner"]
-    assert not storage.exists(storage.path("run", run_folder.LEASE_FILE)), "released on exit"
-
-
-def test_a_remote_driver_is_refused_until_its_heartbeat_is_stale(storage):
-    write_lease(storage, owner="x", host="another-host", pid=1, heartbeat=time.time())
-    with pytest.raises(UserError, match="another-host"):
-        run_folder.Lease(storage, storage.path("run")).acquire()
-    write_lease(storage, owner="x", host="another-host", pid=1, heartbeat=time.time() - run_folder.LEASE_STALE_S - 1)
-    lease = run_folder.Lease(storage, storage.path("run"))
-    lease.acquire()
-    lease.release()

@@ -244,15 +244,15 @@ def test_create_only_sends_the_conditional_request(request, backend, tmp_path, m
     assert calls == [{"mode": "create"}]  # S3: If-None-Match: *; GCS: ifGenerationMatch=0
 
 
-def test_gcs_emulator_ignores_the_generation_precondition(gcs_endpoint, gcs_bucket):
-    """What gcp-storage-emulator does with gcsfs's ifGenerationMatch=0: it replaces the
-    object anyway (real GCS answers 412). So on the emulator create_only rests on the look
-    before the write (test above); if this starts failing, the emulator honours preconditions."""
+def test_gcs_server_refuses_a_second_create(gcs_endpoint, gcs_bucket):
+    """fake-gcs-server honours gcsfs's ifGenerationMatch=0 as GCS does (412). gcp-storage-emulator, which
+    the tests used before, replaced the object anyway: a precondition test against it proved nothing."""
     storage = open_storage(f"gs://{gcs_bucket}/runs", gcs_endpoint)
     path = storage.path("meta.json")
     storage.fs.pipe_file(path, b"first", mode="create")
-    storage.fs.pipe_file(path, b"second", mode="create")  # no FileExistsError here
-    assert storage.read_bytes(path) == b"second"
+    with pytest.raises(FileExistsError):
+        storage.fs.pipe_file(path, b"second", mode="create")
+    assert storage.read_bytes(path) == b"first"
 
 
 def test_local_create_only_has_one_winner_among_racing_writers(tmp_path):

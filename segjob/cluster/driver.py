@@ -25,6 +25,7 @@ from segjob.cluster import process_setup
 from segjob.cluster.worker import train_loop_per_worker
 from segjob.errors import UserError
 from segjob.job.schema import JobConfig
+from segjob.store.lease import Fence
 from segjob.store.storage import Storage, worker_env_vars
 
 # Ray Train V2's bookkeeping of reported checkpoints, in the run folder
@@ -104,9 +105,10 @@ def check_fits_local_cluster(job: JobConfig, use_gpu: bool) -> None:
 
 
 def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Sequence[Any] = (),
-                  log_label: str | None = None) -> TorchTrainer:
+                  log_label: str | None = None, fence: Fence | None = None) -> TorchTrainer:
     """The run `job.name` under `storage`; callbacks are Ray Train UserCallbacks (a sweep's trial
-    passes the one that reports to Tune); log_label starts the workers' segjob lines."""
+    passes the one that reports to Tune); log_label starts the workers' segjob lines; the workers stamp
+    their commits with the driver lease's `fence` and stop when a newer driver holds it."""
     if job.train.amp == "fp16" and not use_gpu:
         raise UserError("train.amp: fp16 needs GPU workers; use bf16 (or off) on CPU")
     resources = {"CPU": job.scaling.cpus_per_worker}
@@ -117,7 +119,8 @@ def build_trainer(job: JobConfig, storage: Storage, use_gpu: bool, callbacks: Se
     os.environ.setdefault(COLLECTIVE_TIMEOUT_ENV, str(job.failure.collective_timeout_s))
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "log_label": log_label},
+        train_loop_config={"job": job.model_dump(mode="json"), "log_label": log_label,
+                           "fence": fence.to_config() if fence else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=job.failure.collective_timeout_s),
         scaling_config=scaling_config(job, use_gpu, resources),
         run_config=RunConfig(

@@ -24,6 +24,7 @@ from segjob.errors import UserError, setup_logging
 from segjob.job.sweep import Sweep
 from segjob.results import sweep_report
 from segjob.store import checkpoint, ranking, run_folder
+from segjob.store.lease import Fence
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -47,7 +48,7 @@ class EvaluationsToTune(TuneReportCallback):
             super().after_report(run_context, metrics, checkpoint)
 
 
-def make_trial_function(sweep: Sweep, use_gpu: bool) -> Callable[[dict[str, Any]], None]:
+def make_trial_function(sweep: Sweep, use_gpu: bool, fence: Fence | None = None) -> Callable[[dict[str, Any]], None]:
     def run_trial(params: dict[str, Any]) -> None:
         """One trial, on its Tune actor: the job with these values as a TorchTrainer run named by the trial id."""
         setup_logging()
@@ -64,9 +65,10 @@ def make_trial_function(sweep: Sweep, use_gpu: bool) -> Callable[[dict[str, Any]
             return
         # this trial's previous attempt is gone (Tune starts a trial again only then); the grace period spares
         # an upload in flight all the same
-        checkpoint.remove_uncommitted(storage, run_path)
+        checkpoint.remove_uncommitted(storage, run_path, fence=fence)
         driver.forget_ray_snapshot(storage, run_path)
-        trainer = driver.build_trainer(job, storage, use_gpu, callbacks=[EvaluationsToTune()], log_label=trial_id)
+        trainer = driver.build_trainer(job, storage, use_gpu, callbacks=[EvaluationsToTune()], log_label=trial_id,
+                                       fence=fence)
         driver.fit(trainer)
 
     return run_trial
@@ -169,12 +171,14 @@ def default_concurrency(sweep: Sweep, use_gpu: bool) -> int:
     return max(1, fits)
 
 
-def build_tuner(sweep: Sweep, storage: Storage, use_gpu: bool, callbacks: list[Callback] = ()) -> Tuner:
+def build_tuner(sweep: Sweep, storage: Storage, use_gpu: bool, callbacks: list[Callback] = (),
+                fence: Fence | None = None) -> Tuner:
     """A restored Tuner when the sweep's folder holds one, else a new one; `callbacks` are extra
-    Tune callbacks for a new sweep (bench/sweep.py times the trials with one)."""
+    Tune callbacks for a new sweep (bench/sweep.py times the trials with one); every trial's commits and
+    cleanups carry the sweep driver's `fence`."""
     sweep_path = storage.path(sweep.name)
     filesystem = driver.pyarrow_filesystem(storage)
-    trainable = ray.tune.with_resources(make_trial_function(sweep, use_gpu), TRIAL_DRIVER_RESOURCES)
+    trainable = ray.tune.with_resources(make_trial_function(sweep, use_gpu, fence), TRIAL_DRIVER_RESOURCES)
     if Tuner.can_restore(sweep_path, storage_filesystem=filesystem):
         log.info("restoring sweep '%s': finished trials stay finished, interrupted and failed ones resume "
                  "from their checkpoints", sweep.name)

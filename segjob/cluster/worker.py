@@ -15,6 +15,7 @@ from segjob.engine import loop
 from segjob.engine.preemption.notice import Notice, utc_stamp
 from segjob.errors import setup_logging
 from segjob.job.schema import JobConfig
+from segjob.store.lease import Fence
 
 log = logging.getLogger("segjob")
 
@@ -125,7 +126,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if config.get("log_label"):
         label_log_lines(config["log_label"])
     job = JobConfig.model_validate(config["job"])
-    loop.run(job, RaySession(job))
+    loop.run(job, RaySession(job), fence=Fence.from_config(config.get("fence")))
 
 
 class _Label(logging.Filter):

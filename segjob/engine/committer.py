@@ -27,6 +27,7 @@ from typing import Any
 from segjob.engine.session import Session
 from segjob.job.schema import JobConfig
 from segjob.store import checkpoint
+from segjob.store.lease import Fence, Superseded
 from segjob.store.storage import Storage
 
 log = logging.getLogger("segjob")
@@ -40,8 +41,9 @@ class Pending:
 
 
 class Committer:
-    def __init__(self, job: JobConfig, session: Session, storage: Storage, run_path: str):
+    def __init__(self, job: JobConfig, session: Session, storage: Storage, run_path: str, fence: Fence | None = None):
         self.job, self.session, self.storage, self.run_path = job, session, storage, run_path
+        self.fence = fence  # the driver lease's: commits carry its generation, and stop once a newer one holds it
         self.is_chief = session.rank == 0
         self.executor = (
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="segjob-commit", initializer=_lower_priority)
@@ -92,10 +94,15 @@ class Committer:
                           reason: str) -> str | None:
         folder = Path(tempfile.mkdtemp(prefix="segjob-checkpoint-"))
         try:
+            if self.fence:
+                self.fence.check(self.storage)
             checkpoint.write_local(folder, *state)
             meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
-                                         metrics=metrics, reason=reason)
+                                         metrics=metrics, reason=reason,
+                                         generation=self.fence.generation if self.fence else 0)
             info = checkpoint.commit(self.storage, self.run_path, folder, meta)
+        except Superseded:
+            raise  # a newer driver runs this run: this rank stops at its next flush
         except Exception as error:  # storage errors come in many types; none may stop training
             log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, "
                         "the next checkpoint tries again", step, type(error).__name__, error)
@@ -111,7 +118,7 @@ class Committer:
         # alongside later uploads: a commit it does not list yet only makes it keep more than it must
         try:
             removed = checkpoint.apply_retention(self.storage, self.run_path, self.job.storage.keep_best,
-                                                 self.job.metric.name, self.job.metric.mode, self.verified)
+                                                 self.job.metric.name, self.job.metric.mode, self.verified, self.fence)
             if removed:
                 log.debug("retention removed %s", ", ".join(removed))
         except Exception as error:

@@ -46,6 +46,7 @@ from segjob.learning.optim import Schedule, build_optimizer, current_lr
 from segjob.models import create_model
 from segjob.models.batchnorm import sync_batchnorm
 from segjob.store import checkpoint, run_folder
+from segjob.store.lease import Fence
 from segjob.store.storage import Storage, open_storage
 
 log = logging.getLogger("segjob")
@@ -94,11 +95,12 @@ class Worker:
         return self.session.rank == 0
 
 
-def run(job: JobConfig, session: Session) -> dict[str, Any]:
-    """Train `job` to its last epoch (or from wherever storage says it stopped)."""
+def run(job: JobConfig, session: Session, fence: Fence | None = None) -> dict[str, Any]:
+    """Train `job` to its last epoch (or from wherever storage says it stopped); under a driver lease's `fence`,
+    commits carry its generation and the run stops once a newer driver holds the lease."""
     # a SIGTERM while this runs (the last upload and done.json included) waits out its grace period
     with sigterm.training_active():
-        worker = setup(job, session)
+        worker = setup(job, session, fence)
         final_metrics: dict[str, Any] = {}
         try:
             for epoch in range(worker.progress.epoch, job.train.epochs):
@@ -118,13 +120,15 @@ def run(job: JobConfig, session: Session) -> dict[str, Any]:
 # --- setup ------------------------------------------------------------------------------
 
 
-def setup(job: JobConfig, session: Session) -> Worker:
+def setup(job: JobConfig, session: Session, fence: Fence | None = None) -> Worker:
     torch.set_num_threads(job.scaling.torch_threads or max(1, int(job.scaling.cpus_per_worker)))
     seed_everything(job.seed)
     if job.train.amp == "fp16" and session.device.type != "cuda":
         raise UserError("train.amp: fp16 needs a GPU; use bf16 (or off) on CPU")
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     run_path = storage.path(job.name)
+    if fence:
+        fence.check(storage)  # a superseded driver's worker group, restarted by Ray, stops here
     train_set, val_set = build_datasets(job.data, job.seed)
     num_classes = len(train_set.class_names)
 
@@ -138,10 +142,13 @@ def setup(job: JobConfig, session: Session) -> Worker:
         schedule=Schedule(job.optim.schedule, optimizer, total_steps=steps_per_epoch * job.train.epochs),
         scaler=torch.amp.GradScaler(session.device.type, enabled=job.train.amp == "fp16"),
         train_set=train_set, val_set=val_set, progress=Progress(), history=[],
-        committer=Committer(job, session, storage, run_path), plan=PreemptionPlan(job.preemption.deadline_margin_s),
-        flags=StepFlags(session.world_size), mixer=build_mixer(job.data, num_classes),
+        committer=Committer(job, session, storage, run_path, fence),
+        plan=PreemptionPlan(job.preemption.deadline_margin_s), flags=StepFlags(session.world_size),
+        mixer=build_mixer(job.data, num_classes),
     )
     resume(worker)
+    if fence and worker.is_chief:
+        fence.record_start(storage, run_path, worker.progress.step)  # older generations' later commits: superseded
     note_world_size(worker)
     worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain)
     worker.watcher.start()

@@ -52,6 +52,7 @@ from safetensors.torch import save_file
 
 from segjob import __version__
 from segjob.errors import UserError
+from segjob.store.lease import Fence, read_fences, superseded
 from segjob.store.storage import Storage, retry
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,12 @@ class CheckpointInfo:
     def __post_init__(self) -> None:
         self.step_path = self.step_path or self.path
 
+    @property
+    def generation(self) -> int:
+        """The driver lease's generation it was written under (0: before leases had generations)."""
+        generation = self.meta.get("generation", 0)
+        return generation if type(generation) is int else 0
+
 
 @dataclass
 class LoadedCheckpoint:
@@ -128,12 +135,13 @@ def write_local(
 
 
 def build_meta(
-    folder: Path, *, job: dict, step: int, epoch: int, metrics: dict[str, float], reason: str
+    folder: Path, *, job: dict, step: int, epoch: int, metrics: dict[str, float], reason: str, generation: int = 0
 ) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "segjob_version": __version__,
         "run": job.get("name"),
+        "generation": generation,  # of the driver lease it was written under (store/lease.py): fences zombies
         "step": step,
         "epoch": epoch,
         "metrics": metrics,
@@ -152,7 +160,8 @@ def commit(storage: Storage, run_path: str, folder: Path, meta: dict[str, Any]) 
     that verifies. A committed one that does not verify is quarantined and replaced, never returned."""
     name = checkpoint_name(meta["step"])
     step_path = f"{checkpoints_path(run_path)}/{name}"
-    existing = _committed_and_verified(storage, run_path, step_path)
+    starts = read_fences(storage, run_path)
+    existing = _committed_and_verified(storage, run_path, step_path, starts)
     if existing:  # committed already (e.g. preempted right after resuming at it): never upload it again
         return existing
     attempt = f"{ATTEMPT_PREFIX}{uuid.uuid4().hex}"
@@ -166,9 +175,9 @@ def commit(storage: Storage, run_path: str, folder: Path, meta: dict[str, Any]) 
             # create-only: of two writers of one step, exactly one commits
             storage.write_bytes(f"{step_path}/{META_FILE}", data, create_only=True)
         except FileExistsError:
-            winner = _committed_and_verified(storage, run_path, step_path)
+            winner = _committed_and_verified(storage, run_path, step_path, starts)
             if winner is None:
-                continue  # the one there did not verify and is quarantined now: try again
+                continue  # the one there did not verify, or a superseded driver wrote it: quarantined now, try again
             storage.rm(attempt_path)  # nothing references ours
             log.info("%s was committed by another writer meanwhile; keeping that one", storage.display(step_path))
             return winner
@@ -264,8 +273,10 @@ def verify(storage: Storage, info: CheckpointInfo) -> str | None:
     return None
 
 
-def _committed_and_verified(storage: Storage, run_path: str, step_path: str) -> CheckpointInfo | None:
-    """The step's committed checkpoint if it verifies; one that does not is quarantined (None)."""
+def _committed_and_verified(storage: Storage, run_path: str, step_path: str,
+                            starts: dict[int, int]) -> CheckpointInfo | None:
+    """The step's committed checkpoint if it verifies and is not superseded (`starts`: the run's fences); one that
+    is either is quarantined (None)."""
     try:
         info = read_committed(storage, step_path)
     except UserError as error:
@@ -275,6 +286,12 @@ def _committed_and_verified(storage: Storage, run_path: str, step_path: str) -> 
             log.warning("%s; moved to %s", error, where)
         return None
     if info is None:
+        return None
+    if superseded(starts, info.generation, info.step):
+        problem = (f"written by generation {info.generation} of the driver lease after a newer generation resumed "
+                   f"the run from an earlier step")
+        where = quarantine(storage, run_path, info.step_path, info.meta_sha256, problem)
+        log.warning("%s: %s; moved to %s", info.name, problem, where)
         return None
     problem = verify(storage, info)
     if problem is None:
@@ -294,9 +311,12 @@ def _read_or_none(storage: Storage, path: str) -> bytes | None:
 # --- listing ----------------------------------------------------------------------------
 
 
-def list_committed(storage: Storage, run_path: str) -> list[CheckpointInfo]:
-    """Committed checkpoints of a run, oldest step first. Folders without meta.json are skipped."""
+def list_committed(storage: Storage, run_path: str, with_superseded: bool = False) -> list[CheckpointInfo]:
+    """Committed checkpoints of a run, oldest step first. Folders without meta.json are skipped, and so are
+    commits that a superseded driver's workers made after a newer driver took over (see store/lease.py),
+    unless `with_superseded`."""
     base = checkpoints_path(run_path)
+    starts = {} if with_superseded else read_fences(storage, run_path)
     found = []
     for name in storage.list_dirs(base):
         try:
@@ -304,8 +324,12 @@ def list_committed(storage: Storage, run_path: str) -> list[CheckpointInfo]:
         except UserError as error:
             log.warning("ignoring checkpoint: %s", error)
             continue
-        if info is not None:  # None: uncommitted, an upload that never finished (or one still going)
-            found.append(info)
+        if info is None:  # uncommitted: an upload that never finished (or one still going)
+            continue
+        if superseded(starts, info.generation, info.step):
+            log.debug("ignoring %s: committed by a superseded driver (generation %d)", name, info.generation)
+            continue
+        found.append(info)
     return sorted(found, key=lambda info: info.step)
 
 
@@ -354,11 +378,12 @@ def list_uncommitted(storage: Storage, run_path: str) -> list[str]:
 
 
 def remove_uncommitted(storage: Storage, run_path: str, grace_s: float = CLEANUP_GRACE_S,
-                       now: float | None = None) -> list[str]:
+                       now: float | None = None, fence: Fence | None = None) -> list[str]:
     """Delete what no meta.json references and nothing has written to for `grace_s` seconds: abandoned
     uploads. An upload in flight writes at least once per file, so it survives. Ages are judged on this
     reader's clock (`now`, default time.time()) against the store's modification times. Returns what went:
-    a step folder's name when all of it went, else "step-…/part"."""
+    a step folder's name when all of it went, else "step-…/part". With a `fence`, a driver that a newer one has
+    superseded removes nothing (Superseded)."""
     now = time.time() if now is None else now
     by_step: dict[str, list[Unreferenced]] = {}
     for part in _unreferenced(storage, run_path):
@@ -366,6 +391,8 @@ def remove_uncommitted(storage: Storage, run_path: str, grace_s: float = CLEANUP
     removed = []
     for step, parts in by_step.items():
         step_path = f"{checkpoints_path(run_path)}/{step}"
+        if fence:
+            fence.check(storage)
         gone = []
         for part in parts:
             age = now - part.modified if part.modified is not None else 0.0
@@ -458,12 +485,13 @@ def quarantine(storage: Storage, run_path: str, step_path: str, meta_sha256: str
 
 
 def apply_retention(storage: Storage, run_path: str, keep_best: int, metric: str, mode: str,
-                    verified: set[str] | None = None) -> list[str]:
+                    verified: set[str] | None = None, fence: Fence | None = None) -> list[str]:
     """Keep the best `keep_best` by the job metric and the newest checkpoint that verifies; remove the rest.
 
     Before anything is removed, what is kept is verified: damaged checkpoints (even the best or the newest)
     are quarantined and the next good one is kept in their place; when none verifies, nothing is touched.
-    `verified`: keys of checkpoints already verified by this process (see `_verified_key`), kept up to date."""
+    `verified`: keys of checkpoints already verified by this process (see `_verified_key`), kept up to date.
+    With a `fence`, a driver that a newer one has superseded removes nothing (Superseded)."""
     committed = list_committed(storage, run_path)
     if not committed:
         return []
@@ -495,6 +523,8 @@ def apply_retention(storage: Storage, run_path: str, keep_best: int, metric: str
         if good(info):
             best.append(info.name)
     keep = {newest.name, *best}
+    if fence:
+        fence.check(storage)
     for info, problem in damaged.values():
         where = quarantine(storage, run_path, info.step_path, info.meta_sha256, problem)
         log.warning("%s does not verify (%s); moved to %s", info.name, problem, where)

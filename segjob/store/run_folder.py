@@ -1,24 +1,18 @@
 """A run folder's own files: which job it runs, which driver drives it, whether it has finished.
 
     <storage>/<name>/job.json     the job the run was started with (resubmissions must match it)
-    <storage>/<name>/lease.json   which driver drives the run now (owner, host, pid, heartbeat)
+    <storage>/<name>/lease.json   which driver drives the run now (store/lease.py)
     <storage>/<name>/done.json    written by rank 0 once every epoch has finished
 
 A resubmitted job may change only what does not change the result (epochs, scaling,
-storage endpoint, failure and preemption handling, data location). A second live driver
-on the same run is refused; a driver that died (its pid is gone on this host, or its
-heartbeat stopped) is taken over.
+storage endpoint, failure and preemption handling, data location).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
 import time
-import uuid
 from typing import Any
 
 from pydantic import ValidationError
@@ -30,7 +24,6 @@ from segjob.store.storage import Storage
 log = logging.getLogger("segjob")
 
 JOB_FILE = "job.json"
-LEASE_FILE = "lease.json"
 DONE_FILE = "done.json"
 
 # Keys a resubmission may change: they move or scale the run, they don't change what it computes.
@@ -40,8 +33,6 @@ MAY_CHANGE_ON_RESUME = (
     "data.loader_workers", "data.endpoint_url",
 )  # plus every file path of the data and model sections (moved data is the same data)
 
-HEARTBEAT_S = 15.0
-LEASE_STALE_S = 60.0  # four missed heartbeats
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -123,76 +114,3 @@ def read_done(storage: Storage, run_path: str) -> dict | None:
         return json.loads(storage.read_bytes(f"{run_path}/{DONE_FILE}"))
     except FileNotFoundError:
         return None
-
-
-class Lease:
-    """This driver's claim on a run, kept fresh by a heartbeat thread; released on exit."""
-
-    def __init__(self, storage: Storage, run_path: str):
-        self.storage, self.path = storage, f"{run_path}/{LEASE_FILE}"
-        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def acquire(self) -> None:
-        holder = self._read()
-        if holder and holder.get("owner") != self.record["owner"] and self._alive(holder):
-            age = time.time() - holder.get("heartbeat", 0)
-            raise UserError(
-                f"{self.storage.uri}: run is being driven by {holder.get('host')} pid {holder.get('pid')} "
-                f"(heartbeat {age:.0f} s ago); stop that driver, or wait {LEASE_STALE_S:.0f} s after it died"
-            )
-        if holder:
-            log.info("taking over the run from a driver that is gone (%s pid %s)",
-                     holder.get("host"), holder.get("pid"))
-        self._write()
-        time.sleep(0.2)  # two drivers starting together: the last writer wins, the other sees it below
-        if (self._read() or {}).get("owner") != self.record["owner"]:
-            raise UserError(f"{self.storage.uri}: another driver took this run at the same moment; "
-                            f"it runs, this one stops")
-        self._thread = threading.Thread(target=self._heartbeat, name="segjob-lease", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        if (self._read() or {}).get("owner") == self.record["owner"]:
-            self.storage.rm(self.path)
-
-    def __enter__(self) -> Lease:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-    def _alive(self, holder: dict) -> bool:
-        if time.time() - holder.get("heartbeat", 0) > LEASE_STALE_S:
-            return False
-        if holder.get("host") == socket.gethostname():
-            try:
-                os.kill(int(holder.get("pid", -1)), 0)  # a driver on this host: is its process still there?
-            except (ProcessLookupError, ValueError):
-                return False
-            except PermissionError:
-                return True
-        return True
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                self._write()
-            except Exception as error:  # a missed heartbeat is not fatal; four in a row lose the lease
-                log.warning("lease heartbeat failed: %s", error)
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(self.storage.read_bytes(self.path))
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:
-            return None
-
-    def _write(self) -> None:
-        self.storage.write_bytes(self.path, json.dumps({**self.record, "heartbeat": time.time()}).encode())

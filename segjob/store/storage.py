@@ -214,9 +214,9 @@ class Storage:
         An object that already holds exactly `data` counts as written: a retried request
         whose first answer was lost (ours, or botocore's own retry) must not fail because
         its first try landed. Remote writes also look before writing: that keeps stores
-        that ignore the precondition (gcp-storage-emulator ignores ifGenerationMatch, see
-        tests/test_storage_faults.py) create-only for writers that don't race; on real S3
-        and GCS the conditional request is what makes it atomic."""
+        that ignore the precondition (some emulators, e.g. gcp-storage-emulator) create-only
+        for writers that don't race; on S3, GCS and the servers the tests use (moto,
+        fake-gcs-server) the conditional request is what makes it atomic."""
         if self.is_local:
             _local_write(path, lambda tmp: Path(tmp).write_bytes(data), create_only)
         elif create_only:
