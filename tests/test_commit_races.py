@@ -1,5 +1,6 @@
 """Commits that cannot mix writers, and cleanup that spares an upload in flight (issue 15), for real:
-moto's S3 server, one writer slowed by the loopback proxy (tests/proxy.py), the other straight to moto.
+moto's S3 server and fake-gcs-server, one writer slowed by the loopback proxy (tests/proxy.py), the other
+straight to the server.
 
 What must hold, each race ending with latest() returning a checkpoint that loads and verifies:
 - two writers of one step (threads, and processes): each uploads into its own attempt folder; the
@@ -17,11 +18,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import torch
 from faults import in_thread
-from proxy import wait_for
+from proxy import TcpProxy, wait_for
 
 from segjob.store import checkpoint
 from segjob.store.storage import Storage, open_storage
@@ -29,11 +31,27 @@ from segjob.store.storage import Storage, open_storage
 RUN = "run"
 
 
+@pytest.fixture(params=["s3", "gcs"])
+def server(request) -> tuple[str, str]:
+    """(endpoint, uri) of a fresh bucket on moto or on fake-gcs-server."""
+    endpoint, bucket = request.getfixturevalue(f"{request.param}_endpoint"), request.getfixturevalue(
+        f"{request.param}_bucket")
+    return endpoint, f"{'s3' if request.param == 's3' else 'gs'}://{bucket}/runs"
+
+
 @pytest.fixture
-def slow_and_direct(s3_endpoint, s3_bucket, proxy) -> tuple[Storage, Storage]:
-    """(a writer's storage through the proxy, a storage straight to moto) on the same bucket."""
-    uri = f"s3://{s3_bucket}/runs"
-    return open_storage(uri, proxy.url), open_storage(uri, s3_endpoint)
+def proxy(server):
+    """A loopback TCP proxy in front of the server: a test slows a writer's uploads with it."""
+    target = urlsplit(server[0])
+    with TcpProxy(target.hostname, target.port) as running:
+        yield running
+
+
+@pytest.fixture
+def slow_and_direct(server, proxy) -> tuple[Storage, Storage]:
+    """(a writer's storage through the proxy, a storage straight to the server) on the same bucket."""
+    endpoint, uri = server
+    return open_storage(uri, proxy.url), open_storage(uri, endpoint)
 
 
 def payload(tmp_path: Path, step: int, seed: int, big: bool = False) -> tuple[Path, dict]:
@@ -173,13 +191,13 @@ def test_a_writer_whose_files_a_cleanup_removed_does_not_commit(slow_and_direct,
     assert_latest_is_whole(direct, 10, seed=1)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", "s3", "gcs"])
 def test_abandoned_attempts_go_once_older_than_the_grace_period(where, request, tmp_path):
     if where == "local":
         storage = open_storage(str(tmp_path / "runs"))
     else:
-        storage = open_storage(f"s3://{request.getfixturevalue('s3_bucket')}/runs",
-                               request.getfixturevalue("s3_endpoint"))
+        storage = open_storage(f"{'s3' if where == 's3' else 'gs'}://{request.getfixturevalue(f'{where}_bucket')}"
+                               "/runs", request.getfixturevalue(f"{where}_endpoint"))
     run_path = storage.path(RUN)
     committed = checkpoint.commit(storage, run_path, *payload(tmp_path, step=10, seed=1))
     loser = f"{step_path(storage, 10)}/{checkpoint.ATTEMPT_PREFIX}{'a' * 32}"

@@ -81,14 +81,15 @@ class Source:
             sha256=hashlib.sha256(data).hexdigest(), bytes=len(data)))
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "s3", "gcs"])
 def source(request, tmp_path) -> Source:
     if request.param == "local":
         folder = tmp_path / "sweep"
         yield Source(str(folder), write_sweep(str(folder)), [], folder, None)
         return
-    endpoint = request.getfixturevalue("s3_endpoint")
-    uri = f"s3://{request.getfixturevalue('s3_bucket')}/runs/sweep"
+    endpoint = request.getfixturevalue(f"{request.param}_endpoint")
+    scheme = "s3" if request.param == "s3" else "gs"
+    uri = f"{scheme}://{request.getfixturevalue(f'{request.param}_bucket')}/runs/sweep"
     target = urlsplit(endpoint)
     with TcpProxy(target.hostname, target.port) as proxy:
         yield Source(uri, write_sweep(uri, endpoint), ["--endpoint-url", proxy.url], None, proxy)
