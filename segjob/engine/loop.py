@@ -143,7 +143,7 @@ def setup(job: JobConfig, session: Session) -> Worker:
     )
     resume(worker)
     note_world_size(worker)
-    worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain)
+    worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain, announce=worker.is_chief)
     worker.watcher.start()
     # build, load the state, convert BatchNorm, then wrap for DDP: every rank starts from the same weights
     worker.model = worker.train_model = sync_batchnorm(model, job.train.sync_batchnorm, session.device,
