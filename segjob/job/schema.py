@@ -665,7 +665,8 @@ class TrackingSection(Section):
         "params and every epoch's metrics to a run named after the job; needs `pip install segjob[mlflow]`",
     )
     mlflow_experiment: str | None = Field(
-        None, description="the MLflow experiment (default: the job's name, or the sweep's for its trials)",
+        None, description="the MLflow experiment its runs go into (default: segjob); a sweep's trials are runs "
+        "named by their trial ids",
     )
 
 

@@ -71,12 +71,10 @@ class AwsSource:
         self._token: str | None = None
         self._token_expires = 0.0
 
-    def identify(self) -> str | None:
-        """How this machine is on EC2 (IMDSv2 gave a token; kept for the polls), else None. OSError: no answer."""
-        try:
-            self._fresh_token()
-        except _Unexpected:
-            return None
+    def identify(self) -> str:
+        """How this machine is on EC2 (IMDSv2 gave a token; kept for the polls). OSError: no answer;
+        _Unexpected: another server answered."""
+        self._fresh_token()
         return "IMDSv2 answered"
 
     def check(self) -> Notice | None:
@@ -123,11 +121,15 @@ class GcpSource:
     def __init__(self, base_url: str):
         self.url = f"{base_url.rstrip('/')}/computeMetadata/v1/instance/preempted"
 
-    def identify(self) -> str | None:
-        """How this machine is on GCE (the metadata server answered as Google's), else None. OSError: no answer."""
+    def identify(self) -> str:
+        """How this machine is on GCE (the metadata server answered as Google's). OSError: no answer;
+        _Unexpected: another server answered."""
         status, _, headers = _request(self.url, {"Metadata-Flavor": "Google"})
         flavor = {name.lower(): value for name, value in headers.items()}.get("metadata-flavor")
-        return "its metadata server answered" if status == 200 and flavor == "Google" else None
+        if status != 200 or flavor != "Google":
+            raise _Unexpected(f"instance/preempted answered HTTP {status}"
+                              f"{'' if flavor == 'Google' else ' without Metadata-Flavor: Google'}")
+        return "its metadata server answered"
 
     def check(self) -> Notice | None:
         status, body, _ = _request(self.url, {"Metadata-Flavor": "Google"})
@@ -150,15 +152,13 @@ def detect(source: AwsSource | GcpSource, stop: threading.Event, retry_s: float)
     error: Exception | None = None
     for _ in range(GIVE_UP_AFTER):
         try:
-            how = source.identify()
+            return True, source.identify()
         except OSError as unreachable:
             error = unreachable
             if stop.wait(retry_s):
                 break
-            continue
-        except Exception as odd:  # an answer no metadata server gives
+        except Exception as odd:  # an answer that cloud's metadata server never gives
             return False, f"not {source.cloud}: {one_line(odd)}"
-        return (True, how) if how else (False, f"not {source.cloud}: another server answered at its address")
     return False, f"not {source.cloud}: its metadata server is unreachable ({one_line(error)})"
 
 
