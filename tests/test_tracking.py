@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from test_engine import tiny_job
@@ -76,10 +75,13 @@ def test_tensorboard_reads_the_event_files_from_s3(s3_endpoint, s3_bucket):
     filesystem takes the endpoint from S3_ENDPOINT when tensorboard is imported: a process of its own."""
     history = train(f"s3://{s3_bucket}/runs", s3_endpoint, epochs=1)
     code = textwrap.dedent(f"""
-        import json, sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_tracking import tensorboard_scalars
-        print(json.dumps(tensorboard_scalars("s3://{s3_bucket}/runs/tiny/{tensorboard.FOLDER}")))
+        import json
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        folder = "s3://{s3_bucket}/runs/tiny/{tensorboard.FOLDER}"
+        accumulator = EventAccumulator(folder, size_guidance={{"scalars": 0}})
+        accumulator.Reload()
+        print(json.dumps({{tag: [(e.step, e.value) for e in accumulator.Scalars(tag)]
+                          for tag in accumulator.Tags()["scalars"]}}))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
                             env={**os.environ, "S3_ENDPOINT": s3_endpoint})
