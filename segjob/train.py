@@ -15,6 +15,7 @@ import logging
 import time
 
 from segjob.data.audit import preflight
+from segjob.engine.tracking import check_mlflow
 from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.job.load import add_job_arguments, load_job, resolve_local_paths
 from segjob.job.schema import JobConfig
@@ -45,6 +46,7 @@ def prepare(job: JobConfig, skip_bad: bool = False, source: str = "job") -> tupl
         check_model_fits(job)
     except ValueError as error:
         raise UserError(f"{source}: {error}") from None
+    check_mlflow(job)  # here, not only on rank 0 once Ray has started
     storage = open_storage(job.storage.uri, job.storage.endpoint_url)
     storage.check()
     preflight(job, skip_bad, source)

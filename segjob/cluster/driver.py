@@ -58,6 +58,8 @@ def connect(num_cpus: int | None = None, dashboard: bool = False) -> None:
     finds a controller that died with its Tune trial (ASHA stopped it) through the dashboard's
     state API, and without it the dead run's workers' resources are never given back.
     """
+    # the driver runs Ray Train's code too (a sweep's trials run theirs in Tune's actors, which run the hook)
+    process_setup.quiet_ray_chatter()
     if ray.is_initialized():
         return
     env = without_job_settings(runtime_env())

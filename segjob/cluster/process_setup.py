@@ -10,15 +10,60 @@ before anything else runs; segjob.cluster.driver.runtime_env() names it.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 from segjob.engine.preemption import sigterm
 
 
 def setup_worker_process() -> None:
+    quiet_ray_chatter()
     pin_ray_address()
     sigterm.install_sigterm_handler()
     keep_ours_when_ray_sets_sigterm()
+
+
+# Ray Train V2 logs every report of every rank at INFO ("Reporting training result N: TrainingReport(...)") on a
+# logger named after its file's path (`logging.getLogger(__file__)` in this module), not its dotted name: that
+# logger is not under `ray.train`, so neither LoggingConfig(log_level) nor a level on the dotted name reaches it
+TRAIN_REPORT_MODULE = ("train", "v2", "_internal", "execution", "context.py")
+# Ray Train's PlacementGroupCleaner asks the state API (the dashboard) every few seconds; a local run without a
+# dashboard gets the same warning each time
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def train_report_logger_name() -> str:
+    """The path Ray's context module is loaded from, found without importing ray.train (this runs in every
+    Ray process, Ray's own helpers included)."""
+    ray = importlib.import_module("ray")
+    return os.path.join(os.path.dirname(ray.__file__), *TRAIN_REPORT_MODULE)
+
+
+def quiet_ray_chatter() -> None:
+    """segjob prints one status line per epoch; Ray's per-report lines and repeated warnings go.
+
+    A level set here survives Ray Train's logging setup (a `dictConfig` of `ray.train` that resets the levels
+    of the loggers under it, but leaves other loggers and every logger's filters as they are).
+    """
+    logging.getLogger(train_report_logger_name()).setLevel(logging.WARNING)
+    cleaner = logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER)
+    if not any(isinstance(existing, OncePerMessage) for existing in cleaner.filters):
+        cleaner.addFilter(OncePerMessage())
+
+
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once per process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def pin_ray_address() -> None:

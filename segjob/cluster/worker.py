@@ -117,12 +117,7 @@ def drain_node_for_preemption(node_id: str, deadline: float | None, message: str
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    setup_logging()
-    # Ray logs every report of every rank at INFO ("Reporting training result ..."), on a logger named
-    # after its file's path; segjob prints one status line per epoch instead
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    setup_logging()  # Ray's per-report lines were silenced by segjob.cluster.process_setup, before Ray's setup
     if config.get("log_label"):
         label_log_lines(config["log_label"])
     job = JobConfig.model_validate(config["job"])

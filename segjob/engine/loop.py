@@ -38,6 +38,7 @@ from segjob.engine.preemption import sigterm, watcher
 from segjob.engine.preemption.plan import PreemptionPlan
 from segjob.engine.session import Session
 from segjob.engine.step_flags import StepFlags
+from segjob.engine.tracking import ProgressLine, Trackers
 from segjob.errors import UserError
 from segjob.job.schema import JobConfig
 from segjob.learning.losses import binary_threshold, build_loss, output_channels
@@ -85,6 +86,7 @@ class Worker:
     flags: StepFlags
     watcher: watcher.PreemptionWatcher | None = None
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
+    trackers: Trackers | None = None  # rank 0's TensorBoard files and MLflow run
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +109,8 @@ def run(job: JobConfig, session: Session, fence: Fence | None = None) -> dict[st
                 final_metrics = train_one_epoch(worker, epoch)
         finally:
             worker.committer.close()
+            if worker.trackers:
+                worker.trackers.close(finished=worker.progress.epoch >= job.train.epochs)
             if worker.watcher:
                 worker.watcher.stop()
         if worker.is_chief and worker.progress.epoch >= job.train.epochs:
@@ -150,8 +154,10 @@ def setup(job: JobConfig, session: Session, fence: Fence | None = None) -> Worke
     if fence and worker.is_chief:
         fence.record_start(storage, run_path, worker.progress.step)  # older generations' later commits: superseded
     note_world_size(worker)
-    worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain)
+    worker.watcher = watcher.PreemptionWatcher(job.preemption, drain=session.drain, announce=worker.is_chief)
     worker.watcher.start()
+    if worker.is_chief:
+        worker.trackers = Trackers.open(job, storage, run_path, resumed_step=worker.progress.step)
     # build, load the state, convert BatchNorm, then wrap for DDP: every rank starts from the same weights
     worker.model = worker.train_model = sync_batchnorm(model, job.train.sync_batchnorm, session.device,
                                                        session.world_size, announce=worker.is_chief)
@@ -279,6 +285,8 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=worker.device)
     samples_here = images_seen = 0  # loss_sum / samples_here: this rank's mean loss since the last report
     started = step_started = time.perf_counter()
+    progress_line = ProgressLine(job.tracking.progress_every_s if worker.is_chief else 0, epoch, job.train.epochs,
+                                 sampler.steps_per_epoch, sampler.global_batch, start_position // sampler.global_batch)
     worker.train_model.train()
 
     for index, (images, masks) in enumerate(loader):
@@ -308,6 +316,7 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         progress.step += 1
         progress.position += sampler.global_batch
         images_seen += sampler.global_batch
+        progress_line.after_step(progress.position // sampler.global_batch, lambda loss=loss: float(loss.detach()))
         if progress.step % job.train.log_every_steps == 0 and worker.is_chief:
             worker.history.append({"step": progress.step, "epoch": epoch_fraction(progress, sampler),
                                    "position": progress.position, "train/step_loss": float(loss.detach())})
@@ -494,6 +503,8 @@ def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, wait: 
     worker.committer.save(metrics, progress.step, progress.epoch, reason, snapshot=lambda: snapshot(worker))
     if wait:
         worker.committer.flush()
+    if worker.trackers and not reason.startswith("preemption"):  # a preemption's deadline waits for nothing else
+        worker.trackers.update(worker.history)
 
 
 def snapshot(worker: Worker) -> tuple[dict, dict, list]:

@@ -649,6 +649,27 @@ class PreemptionSection(Section):
     poll_interval_s: float = Field(5.0, gt=0.0, le=60.0, description="seconds between two polls of a metadata server")
 
 
+class TrackingSection(Section):
+    """What a run tells people while it trains: the console's progress lines, TensorBoard, MLflow."""
+
+    progress_every_s: float = Field(
+        30.0, ge=0.0, description="rank 0 prints a progress line (step, images/s, time left in the epoch) at most this "
+        "often inside an epoch; 0: only the line at each epoch's end",
+    )
+    tensorboard: bool = Field(
+        True, description="write TensorBoard event files into <run>/tensorboard/ in the run's storage (each "
+        "epoch's scalars in a new file: object stores cannot append); tensorboard --logdir <run or sweep folder>",
+    )
+    mlflow_uri: str | None = Field(
+        None, description="an MLflow tracking URI (http://host:5000, file:///path): rank 0 logs the job's keys as "
+        "params and every epoch's metrics to a run named after the job; needs `pip install segjob[mlflow]`",
+    )
+    mlflow_experiment: str | None = Field(
+        None, description="the MLflow experiment its runs go into (default: segjob); a sweep's trials are runs "
+        "named by their trial ids",
+    )
+
+
 METRIC_PATTERN = r"^(train/loss|val/loss|val/miou|val/pixel_acc|val/mean_acc|val/dice|val/(iou|dice)/[\w.-]+)$"
 METRIC_NAMES = ("train/loss, val/loss, val/miou, val/pixel_acc, val/mean_acc, val/dice, "
                 "val/iou/<class>, val/dice/<class>")
@@ -694,3 +715,4 @@ class JobConfig(Section):
     failure: FailureSection = Field(default_factory=FailureSection)
     preemption: PreemptionSection = Field(default_factory=PreemptionSection)
     metric: MetricConfig = Field(default_factory=MetricConfig)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)

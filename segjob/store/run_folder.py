@@ -30,7 +30,7 @@ DONE_FILE = "done.json"
 MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.checkpoint_every_steps", "train.log_every_steps",
     "scaling.", "storage.uri", "storage.endpoint_url", "storage.keep_best", "failure.", "preemption.",
-    "data.loader_workers", "data.endpoint_url",
+    "data.loader_workers", "data.endpoint_url", "tracking.",
 )  # plus every file path of the data and model sections (moved data is the same data)
 
 

@@ -11,8 +11,10 @@ Sources, checked in this order by `PreemptionWatcher.notice()`:
 - **gcp**: GCE `instance/preempted` = TRUE, about 30 s ahead.
 
 The cloud sources are polled by daemon threads every `poll_interval_s`; `notice()` only reads
-what they found, so the engine can call it every step. Off that cloud the first requests
-fail to connect; after 3 such failures with no answer ever the source is dropped.
+what they found, so the engine can call it every step. Each thread first asks whether the
+machine is on its cloud (`cloud.detect`: the metadata server answers as that cloud's does);
+off it (nothing answers after 3 tries, or another server does) the source is dropped without
+a word above debug, and on it rank 0 says so once.
 
 Ray's own drain notices (`ray.train.get_preemption_info()`) are a barrier across ranks, so
 the engine asks for them from its training loop, never from here.

@@ -1,10 +1,16 @@
-"""The clouds' spot notices, polled from their metadata servers: AWS instance-action, GCP preempted."""
+"""The clouds' spot notices, polled from their metadata servers: AWS instance-action, GCP preempted.
+
+A source is polled only where the machine is on its cloud (`detect`, once per watcher): its metadata server
+answers as that cloud's does (an IMDSv2 token; a `Metadata-Flavor: Google` reply). A laptop, or a node of
+another cloud, polls nothing and prints nothing about it.
+"""
 
 from __future__ import annotations
 
 import http.client
 import json
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,15 +44,16 @@ class _Handler(urllib.request.HTTPHandler):
 # No proxies: metadata addresses are link-local, and a proxy must never see an IMDS token.
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Handler)
 
-def _request(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, str]:
-    """(status, body); an HTTP error status is an answer too. OSError when nothing answered."""
+
+def _request(url: str, headers: dict[str, str], method: str = "GET") -> tuple[int, str, dict[str, str]]:
+    """(status, body, reply headers); an HTTP error status is an answer too. OSError when nothing answered."""
     request = urllib.request.Request(url, headers=headers, method=method)
     try:
         with _opener.open(request, timeout=_READ_TIMEOUT_S) as response:
-            return response.status, response.read(65536).decode("utf-8", "replace")
+            return response.status, response.read(65536).decode("utf-8", "replace"), dict(response.headers)
     except urllib.error.HTTPError as error:
         error.close()
-        return error.code, ""
+        return error.code, "", dict(error.headers or {})
     except (http.client.HTTPException, ValueError) as error:  # garbage on the wire: as good as no answer
         raise OSError(str(error)) from error
 
@@ -57,11 +64,18 @@ class _Unexpected(Exception):
 
 class AwsSource:
     name = "aws"
+    cloud = "AWS EC2"
 
     def __init__(self, base_url: str):
         self.base = base_url.rstrip("/")
         self._token: str | None = None
         self._token_expires = 0.0
+
+    def identify(self) -> str:
+        """How this machine is on EC2 (IMDSv2 gave a token; kept for the polls). OSError: no answer;
+        _Unexpected: another server answered."""
+        self._fresh_token()
+        return "IMDSv2 answered"
 
     def check(self) -> Notice | None:
         status, body = self._get_instance_action()
@@ -83,11 +97,12 @@ class AwsSource:
 
     def _get_instance_action(self) -> tuple[int, str]:
         headers = {"X-aws-ec2-metadata-token": self._fresh_token()}
-        return _request(f"{self.base}/latest/meta-data/spot/instance-action", headers)
+        status, body, _ = _request(f"{self.base}/latest/meta-data/spot/instance-action", headers)
+        return status, body
 
     def _fresh_token(self) -> str:
         if self._token is None or time.monotonic() >= self._token_expires:
-            status, body = _request(
+            status, body, _ = _request(
                 f"{self.base}/latest/api/token",
                 {"X-aws-ec2-metadata-token-ttl-seconds": str(_AWS_TOKEN_TTL_S)},
                 method="PUT",
@@ -101,12 +116,23 @@ class AwsSource:
 
 class GcpSource:
     name = "gcp"
+    cloud = "GCP Compute Engine"
 
     def __init__(self, base_url: str):
         self.url = f"{base_url.rstrip('/')}/computeMetadata/v1/instance/preempted"
 
+    def identify(self) -> str:
+        """How this machine is on GCE (the metadata server answered as Google's). OSError: no answer;
+        _Unexpected: another server answered."""
+        status, _, headers = _request(self.url, {"Metadata-Flavor": "Google"})
+        flavor = {name.lower(): value for name, value in headers.items()}.get("metadata-flavor")
+        if status != 200 or flavor != "Google":
+            raise _Unexpected(f"instance/preempted answered HTTP {status}"
+                              f"{'' if flavor == 'Google' else ' without Metadata-Flavor: Google'}")
+        return "its metadata server answered"
+
     def check(self) -> Notice | None:
-        status, body = _request(self.url, {"Metadata-Flavor": "Google"})
+        status, body, _ = _request(self.url, {"Metadata-Flavor": "Google"})
         if status != 200:
             raise _Unexpected(f"instance/preempted answered HTTP {status}")
         value = body.strip().upper()
@@ -115,6 +141,25 @@ class GcpSource:
         if value == "FALSE":
             return None
         raise _Unexpected(f"instance/preempted answered {one_line(body, 40)!r}")
+
+
+def detect(source: AwsSource | GcpSource, stop: threading.Event, retry_s: float) -> tuple[bool, str]:
+    """(whether this machine is on the source's cloud, why), asked once before polling.
+
+    Off a cloud its address is a black hole (nothing answers: GIVE_UP_AFTER tries, retry_s apart) or
+    something else answers (a laptop's VPN or proxy, another cloud's server, a 403): either way, not on it.
+    """
+    error: Exception | None = None
+    for _ in range(GIVE_UP_AFTER):
+        try:
+            return True, source.identify()
+        except OSError as unreachable:
+            error = unreachable
+            if stop.wait(retry_s):
+                break
+        except Exception as odd:  # an answer that cloud's metadata server never gives
+            return False, f"not {source.cloud}: {one_line(odd)}"
+    return False, f"not {source.cloud}: its metadata server is unreachable ({one_line(error)})"
 
 
 # The machine's own metadata address, as the cloud SDKs read it (botocore, google-auth): a node's

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 
 from segjob.engine.preemption import cloud, sigterm
-from segjob.engine.preemption.cloud import GIVE_UP_AFTER, AwsSource, GcpSource
+from segjob.engine.preemption.cloud import AwsSource, GcpSource
 from segjob.engine.preemption.notice import Notice, one_line
 from segjob.job.schema import PreemptionSection
 
@@ -22,8 +22,9 @@ class PreemptionWatcher:
     thread, for the first notice; it returns whether a drain was sent.
     """
 
-    def __init__(self, cfg: PreemptionSection, drain: Callable[[Notice], bool] | None = None):
+    def __init__(self, cfg: PreemptionSection, drain: Callable[[Notice], bool] | None = None, announce: bool = True):
         self.cfg = cfg
+        self._announce = announce  # say which cloud this machine is on (one rank says it for the run)
         self._drain = drain if cfg.ray_drain else None
         self._sources: list = []
         if aws := cloud.aws_url(cfg.aws_metadata_url):
@@ -104,28 +105,23 @@ class PreemptionWatcher:
                 return
 
     def _poll(self, source, stop: threading.Event) -> None:
-        answered = False  # this source has answered once: failures from now on are transient
-        failures = 0
-        warned = False
+        on_cloud, how = cloud.detect(source, stop, self.cfg.poll_interval_s)
+        if not on_cloud:
+            log.debug("%s: not polling its preemption notices", how)
+            return
+        if self._announce:
+            log.info("on %s (%s): polling its preemption notices every %g s", source.cloud, how,
+                     self.cfg.poll_interval_s)
+        warned = False  # failures on the cloud are transient: said once, the last state kept
         while not stop.is_set():
             try:
                 found = source.check()
-            except OSError as error:  # nothing answered (refused, timeout, DNS)
-                failures += 1
-                if not answered and failures >= GIVE_UP_AFTER:
-                    log.debug("%s metadata unreachable (%s); not polling it", source.name, one_line(error))
-                    return
-                if answered and not warned:
+            except Exception as error:  # nothing answered, or an odd answer
+                if not warned:
                     log.warning("%s preemption poll failed (%s); keeping the last state", source.name, one_line(error))
                     warned = True
-            except Exception as error:  # an odd answer: off this cloud, something else may hold the address
-                if answered and not warned:
-                    log.warning("%s preemption poll failed (%s); keeping the last state", source.name, one_line(error))
-                elif not warned:
-                    log.debug("%s preemption poll failed (%s)", source.name, one_line(error))
-                answered, warned = True, True
             else:
-                answered, failures, warned = True, 0, False
+                warned = False
                 if stop.is_set():
                     return
                 self._record(source.name, found)
