@@ -4,8 +4,10 @@
 
 The file is a torchvision state dict of the whole classifier (`.pth`/`.pt`, read with
 `weights_only=True`, or `.safetensors`), exactly what torchvision's own download holds;
-the classifier head (fc, classifier) is ignored. A 3-channel first conv is widened to the
-encoder's input channels (see input_channels.py). Any other disagreement stops with one
+the classifier head (fc, classifier) is ignored. torchvision's segmentation models take the
+same classifier file for their backbone (Backbone.pretrained_keys maps the names); to take a
+backbone out of one of torchvision's segmentation files, see docs/models.md. A 3-channel
+first conv is widened to the encoder's input channels (see input_channels.py). Any other disagreement stops with one
 line naming the file and the layer. Object-store credentials and endpoints come from the
 usual places (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, the provider chains).
 """
