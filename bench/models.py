@@ -21,6 +21,15 @@ Peers: smp.Unet on the same encoder (its decoder: nearest up-sampling, then two 
 smp.PSPNet, which is not the paper's structure: it stops at layer2 (encoder_depth 3) without
 dilation and pools 512 channels, so it costs a fraction of the published PSPNet that segjob
 builds; its figures are context, not a target.
+
+The modern encoders' peers are smp's timm-backed ("tu-") Unet on the same architecture
+(timm's convnext_tiny, tf_efficientnetv2_s, regnety_008, regnetx_016: the same layers as
+torchvision's up to padding details); smp's Unet starts ConvNeXt's decoder at stride 4 too.
+smp.DeepLabV3Plus (output stride 16) makes its ASPP and decoder convs depthwise-separable,
+where segjob's keeps the plain convs of the paper's ResNet variant: a lighter peer.
+smp.DeepLabV3 (output stride 8, like torchvision's deeplabv3_resnet50) has no auxiliary head,
+and neither has torchvision's here (aux_weight 0). fcn, deeplabv3_mobilenet and lraspp have
+no smp counterpart.
 """
 
 from __future__ import annotations
@@ -53,6 +62,16 @@ CANDIDATES = [
     Candidate("pspnet-r50", {"name": "pspnet", "encoder": "resnet50"}, peer="smp-pspnet-r50"),
     Candidate("segnet-vgg16_bn", {"name": "segnet"}),
     Candidate("segnet-pets", {"name": "segnet", "stages": 4, "input_batchnorm": True}),
+    Candidate("unet-convnext_tiny", {"name": "unet", "encoder": "convnext_tiny"}, peer="smp-unet-convnext_tiny"),
+    Candidate("unet-efficientnet_v2_s", {"name": "unet", "encoder": "efficientnet_v2_s"},
+              peer="smp-unet-efficientnetv2_s"),
+    Candidate("unet-regnet_y_800mf", {"name": "unet", "encoder": "regnet_y_800mf"}, peer="smp-unet-regnety_008"),
+    Candidate("unet-regnet_x_1_6gf", {"name": "unet", "encoder": "regnet_x_1_6gf"}, peer="smp-unet-regnetx_016"),
+    Candidate("deeplabv3plus-r50", {"name": "deeplabv3plus", "encoder": "resnet50"}, peer="smp-deeplabv3plus-r50"),
+    Candidate("deeplabv3_resnet50", {"name": "deeplabv3_resnet50"}, peer="smp-deeplabv3-r50"),
+    Candidate("fcn_resnet50", {"name": "fcn_resnet50"}),
+    Candidate("deeplabv3_mobilenet_v3_large", {"name": "deeplabv3_mobilenet_v3_large"}),
+    Candidate("lraspp_mobilenet_v3_large", {"name": "lraspp_mobilenet_v3_large"}),
 ]
 
 
@@ -69,6 +88,13 @@ PEERS = {
     "smp-unet-r50": _smp("Unet", "resnet50"),
     "smp-unet-mobilenet_v2": _smp("Unet", "mobilenet_v2"),
     "smp-pspnet-r50": _smp("PSPNet", "resnet50"),
+    # timm's builds of the same architectures through smp's "tu-" encoders
+    "smp-unet-convnext_tiny": _smp("Unet", "tu-convnext_tiny"),
+    "smp-unet-efficientnetv2_s": _smp("Unet", "tu-tf_efficientnetv2_s"),
+    "smp-unet-regnety_008": _smp("Unet", "tu-regnety_008"),
+    "smp-unet-regnetx_016": _smp("Unet", "tu-regnetx_016"),
+    "smp-deeplabv3plus-r50": _smp("DeepLabV3Plus", "resnet50"),
+    "smp-deeplabv3-r50": _smp("DeepLabV3", "resnet50"),
 }
 
 

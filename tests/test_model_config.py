@@ -39,7 +39,9 @@ def model_section(**model):
         ({"name": "segnet", "extra_channels": "zero"},
          "model.extra_channels: unknown key (did you mean 'extra_channel_init'?)"),
         ({"name": "pspnett"},
-         "model.name: unknown name 'pspnett' (did you mean 'pspnet'?); valid: pspnet, segnet, unet"),
+         "model.name: unknown name 'pspnett' (did you mean 'pspnet'?); valid: deeplabv3_mobilenet_v3_large, "
+         "deeplabv3_resnet101, deeplabv3_resnet50, deeplabv3plus, fcn_resnet101, fcn_resnet50, "
+         "lraspp_mobilenet_v3_large, pspnet, segnet, unet"),
     ],
     ids=lambda value: value.get("name", "") + "-" + "-".join(sorted(value)) if isinstance(value, dict) else "",
 )

@@ -22,7 +22,10 @@ def count(module: nn.Module) -> int:
 
 @pytest.mark.parametrize("name", list(ENCODERS))
 def test_parameters_are_torchvisions_backbone_without_its_classifier(name):
-    with torch.device("meta"):  # torchvision's classifier, counted without allocating or initialising it
+    try:
+        with torch.device("meta"):  # torchvision's classifier, counted without allocating or initialising it
+            classifier = getattr(tv, name)(weights=None)
+    except NotImplementedError:  # RegNet reads its block widths out of tensors: built for real (it is small)
         classifier = getattr(tv, name)(weights=None)
     head = [child for child_name, child in classifier.named_children() if child_name in ("fc", "classifier")]
     encoder = Encoder(name)
@@ -48,7 +51,7 @@ def test_dilation_keeps_the_resolution(name, output_stride):
     encoder = Encoder(name, output_stride=output_stride).eval()
     with torch.no_grad():
         features = encoder(torch.randn(1, 3, 64, 64))
-    assert encoder.strides == tuple(min(s, output_stride) for s in (2, 4, 8, 16, 32))
+    assert encoder.strides == tuple(min(s, output_stride) for s in ENCODERS[name].strides)
     assert [f.shape[-1] for f in features] == [64 // s for s in encoder.strides]
     assert count(encoder) == count(Encoder(name)), "dilation changes no weights"
 

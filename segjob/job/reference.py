@@ -47,7 +47,8 @@ Some rules span the schema and the code, and are checked on the driver before an
 `data.image_size` must be at least the model's smallest input (SegNet and the plain U-Net halve
 it once per stage or level: `2**model.stages`, `2**model.depth`; the `vgg16_bn` encoder 32),
 `train.batch_size: 1` needs a model whose BatchNorm never sees a 1x1 map (PSPNet's 1x1 pyramid
-bin always does), `model.freeze_encoder` counts at most the encoder's stages, and a metric for one
+bin and the image pooling of DeepLabV3+ and DeepLabV3 always do; see [models.md](models.md)),
+`model.freeze_encoder` counts at most the encoder's stages, and a metric for one
 class (`val/iou/<class>`, `val/dice/<class>`) must name a class of the dataset.
 """
 

@@ -276,8 +276,15 @@ DataConfig = Annotated[
 # --- model ------------------------------------------------------------------------------
 
 # The torchvision backbones an encoder can be; segjob.models.encoders.ENCODERS builds them.
-EncoderName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large"]
-DilatableEncoderName = Literal["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large"]
+EncoderName = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "vgg16_bn", "mobilenet_v2", "mobilenet_v3_large",
+    "efficientnet_v2_s", "regnet_y_800mf", "regnet_x_1_6gf", "convnext_tiny", "convnext_small",
+]
+# all but VGG, whose max-pools cannot be dilated away
+DilatableEncoderName = Literal[
+    "resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large",
+    "efficientnet_v2_s", "regnet_y_800mf", "regnet_x_1_6gf", "convnext_tiny", "convnext_small",
+]
 
 
 class ModelBase(Section):
@@ -381,7 +388,81 @@ class SegNetConfig(EncoderModelBase):
     input_batchnorm: bool = Field(False, description="a BatchNorm over the input as the first layer (the Pets article)")
 
 
-ModelConfig = Annotated[UNetConfig | PSPNetConfig | SegNetConfig, Field(discriminator="name")]
+class DeepLabV3PlusConfig(EncoderModelBase):
+    """DeepLabV3+: a dilated encoder, atrous spatial pyramid pooling over its last stage, and a decoder that
+    joins the up-sampled result with the encoder's stride-4 features."""
+
+    name: Literal["deeplabv3plus"] = "deeplabv3plus"
+    encoder: DilatableEncoderName = "resnet50"
+    output_stride: Literal[8, 16] = Field(
+        16, description="the last stages dilate instead of down-sampling: 16 (the paper's training, ASPP rates "
+        "6/12/18) or 8 (finer, dearer; rates 12/24/36)",
+    )
+    decoder_channels: int = Field(256, ge=8, le=4096, description="width of ASPP and of the decoder's 3x3 convs")
+    low_level_channels: int = Field(
+        48, ge=1, le=4096, description="the stride-4 features are reduced to this many channels before joining",
+    )
+
+
+class TorchvisionModelBase(EncoderModelBase):
+    """A segmentation model built by torchvision's own constructor (weights=None, weights_backbone=None);
+    its state dict is torchvision's. encoder_weights: an ImageNet state dict of its backbone."""
+
+
+class TorchvisionAuxBase(TorchvisionModelBase):
+    aux_weight: float = Field(
+        0.0, ge=0.0, description="weight of the loss on torchvision's auxiliary FCN head over the stage before last "
+        "(training only; 0.5 in torchvision's recipe); 0 builds no auxiliary head",
+    )
+
+
+class FCNResNet50Config(TorchvisionAuxBase):
+    """torchvision's fcn_resnet50: ResNet50 dilated to output stride 8, a 3x3 conv head."""
+
+    name: Literal["fcn_resnet50"] = "fcn_resnet50"
+    encoder: Literal["resnet50"] = "resnet50"
+
+
+class FCNResNet101Config(TorchvisionAuxBase):
+    """torchvision's fcn_resnet101: ResNet101 dilated to output stride 8, a 3x3 conv head."""
+
+    name: Literal["fcn_resnet101"] = "fcn_resnet101"
+    encoder: Literal["resnet101"] = "resnet101"
+
+
+class DeepLabV3ResNet50Config(TorchvisionAuxBase):
+    """torchvision's deeplabv3_resnet50: ResNet50 dilated to output stride 8, ASPP head (no decoder)."""
+
+    name: Literal["deeplabv3_resnet50"] = "deeplabv3_resnet50"
+    encoder: Literal["resnet50"] = "resnet50"
+
+
+class DeepLabV3ResNet101Config(TorchvisionAuxBase):
+    """torchvision's deeplabv3_resnet101: ResNet101 dilated to output stride 8, ASPP head (no decoder)."""
+
+    name: Literal["deeplabv3_resnet101"] = "deeplabv3_resnet101"
+    encoder: Literal["resnet101"] = "resnet101"
+
+
+class DeepLabV3MobileNetV3Config(TorchvisionAuxBase):
+    """torchvision's deeplabv3_mobilenet_v3_large: MobileNetV3-Large dilated to output stride 16, ASPP head."""
+
+    name: Literal["deeplabv3_mobilenet_v3_large"] = "deeplabv3_mobilenet_v3_large"
+    encoder: Literal["mobilenet_v3_large"] = "mobilenet_v3_large"
+
+
+class LRASPPMobileNetV3Config(TorchvisionModelBase):
+    """torchvision's lraspp_mobilenet_v3_large: MobileNetV3-Large (output stride 16), the Lite R-ASPP head."""
+
+    name: Literal["lraspp_mobilenet_v3_large"] = "lraspp_mobilenet_v3_large"
+    encoder: Literal["mobilenet_v3_large"] = "mobilenet_v3_large"
+
+
+ModelConfig = Annotated[
+    UNetConfig | PSPNetConfig | SegNetConfig | DeepLabV3PlusConfig | FCNResNet50Config | FCNResNet101Config
+    | DeepLabV3ResNet50Config | DeepLabV3ResNet101Config | DeepLabV3MobileNetV3Config | LRASPPMobileNetV3Config,
+    Field(discriminator="name"),
+]
 
 
 # --- training ---------------------------------------------------------------------------

@@ -11,6 +11,11 @@ down to the architecture's minimum). PSPNet in training mode returns
              encoder (encoder_unet.py), optional SE gates
     pspnet   dilated encoder + pyramid pooling + auxiliary head (pspnet.py)
     segnet   VGG16-BN with max-pool indices, un-pooling decoder (segnet.py)
+    deeplabv3plus  dilated encoder + ASPP + a decoder joining the stride-4 features (deeplabv3plus.py)
+    fcn_resnet50, fcn_resnet101, deeplabv3_resnet50, deeplabv3_resnet101, deeplabv3_mobilenet_v3_large,
+    lraspp_mobilenet_v3_large   torchvision's own models, built by its constructors
+             (torchvision_segmentation.py); FCN and DeepLabV3 return {"out", "aux"} in training
+             when model.aux_weight > 0
 
 Encoders (encoders.py) are torchvision backbones built with weights=None; pretrained
 weights come only from model.encoder_weights (weights.py). Adding an architecture is one
@@ -30,18 +35,43 @@ import torch
 from torch import nn
 
 from segjob.job.registry import Entry, Registry
-from segjob.job.schema import EncoderModelBase, JobConfig, ModelConfig, PSPNetConfig, SegNetConfig, UNetConfig
+from segjob.job.schema import (
+    DeepLabV3MobileNetV3Config,
+    DeepLabV3PlusConfig,
+    DeepLabV3ResNet50Config,
+    DeepLabV3ResNet101Config,
+    EncoderModelBase,
+    FCNResNet50Config,
+    FCNResNet101Config,
+    JobConfig,
+    LRASPPMobileNetV3Config,
+    ModelConfig,
+    PSPNetConfig,
+    SegNetConfig,
+    TorchvisionModelBase,
+    UNetConfig,
+)
 from segjob.models.backbone import Backbone
+from segjob.models.deeplabv3plus import DeepLabV3Plus
 from segjob.models.encoder_unet import EncoderUNet
 from segjob.models.encoders import ENCODERS, Encoder
 from segjob.models.pspnet import PSPNet
-from segjob.models.requirements import ModelNeeds, check_needs, pspnet_needs, segnet_needs, unet_needs
+from segjob.models.requirements import (
+    ModelNeeds,
+    check_needs,
+    deeplabv3plus_needs,
+    pspnet_needs,
+    segnet_needs,
+    torchvision_needs,
+    unet_needs,
+)
 from segjob.models.segnet import SegNet
+from segjob.models.torchvision_segmentation import TorchvisionSegmentation
 from segjob.models.unet import UNet
 from segjob.models.weights import load_encoder_weights
 
-__all__ = ["ENCODERS", "MODELS", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet", "UNet", "check_model_fits",
-           "create_model"]
+__all__ = ["ENCODERS", "MODELS", "DeepLabV3Plus", "Encoder", "EncoderUNet", "ModelEntry", "PSPNet", "SegNet",
+           "TorchvisionSegmentation", "UNet", "check_model_fits", "create_model"]
 
 
 @dataclass(frozen=True)
@@ -80,12 +110,35 @@ def _build_segnet(cfg: SegNetConfig, in_channels: int, out_channels: int) -> nn.
     return model
 
 
+def _build_deeplabv3plus(cfg: DeepLabV3PlusConfig, in_channels: int, out_channels: int) -> nn.Module:
+    encoder = Encoder(cfg.encoder, in_channels, output_stride=cfg.output_stride)
+    _prepare_encoder(encoder, cfg)
+    return DeepLabV3Plus(encoder, out_channels, cfg.decoder_channels, cfg.low_level_channels)
+
+
+def _build_torchvision(cfg: TorchvisionModelBase, in_channels: int, out_channels: int) -> nn.Module:
+    model = TorchvisionSegmentation(cfg.name, in_channels, out_channels, aux_head=getattr(cfg, "aux_weight", 0) > 0)
+    _prepare_encoder(model, cfg)  # the whole model is the Backbone: weights and freezing reach its backbone
+    return model
+
+
+def _torchvision(config_class: type[TorchvisionModelBase]) -> ModelEntry:
+    return ModelEntry(config_class.model_fields["name"].default, config_class, _build_torchvision, torchvision_needs)
+
+
 MODELS: Registry[ModelEntry] = Registry(
     "model",
     (
         ModelEntry("unet", UNetConfig, _build_unet, unet_needs),
         ModelEntry("pspnet", PSPNetConfig, _build_pspnet, pspnet_needs),
         ModelEntry("segnet", SegNetConfig, _build_segnet, segnet_needs),
+        ModelEntry("deeplabv3plus", DeepLabV3PlusConfig, _build_deeplabv3plus, deeplabv3plus_needs),
+        _torchvision(FCNResNet50Config),
+        _torchvision(FCNResNet101Config),
+        _torchvision(DeepLabV3ResNet50Config),
+        _torchvision(DeepLabV3ResNet101Config),
+        _torchvision(DeepLabV3MobileNetV3Config),
+        _torchvision(LRASPPMobileNetV3Config),
     ),
     where="model.name",
 )

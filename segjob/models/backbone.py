@@ -19,7 +19,7 @@ from segjob.errors import UserError
 
 class Backbone(nn.Module):
     """Subclasses set `name`, `first_conv` (the path of the conv that sees the image, in
-    torchvision's layout) and `stage_modules` (the modules each stage runs, in order)."""
+    torchvision's classifier layout) and `stage_modules` (the modules each stage runs, in order)."""
 
     name: str
     first_conv: str
@@ -28,6 +28,11 @@ class Backbone(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.frozen_stages = 0
+
+    def pretrained_keys(self) -> dict[str, str]:
+        """{own state-dict key: the same tensor's key in torchvision's classifier state dict}, for
+        every tensor pretrained weights fill; an encoder keeps torchvision's names, so the same."""
+        return {key: key for key in self.state_dict()}
 
     @property
     def num_stages(self) -> int:

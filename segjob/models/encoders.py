@@ -4,6 +4,7 @@
     features = encoder(images)                                # 5 maps, strides 2, 4, 8, 16, 32
     encoder.channels, encoder.strides                         # (64, 256, 512, 1024, 2048), (2, ..., 32)
     Encoder("resnet50", output_stride=8).strides              # (2, 4, 8, 8, 8): layer3/4 dilated
+    Encoder("convnext_tiny").strides                          # (4, 8, 16, 32): no stride-2 stage
 
 Each entry of ENCODERS names the torchvision constructor (always called with weights=None),
 the modules each stage runs and what it outputs. The encoder keeps torchvision's module
@@ -14,6 +15,15 @@ Output stride 8 or 16 (PSPNet) replaces the stride-2 step of each later stage by
 every conv of a stage whose nominal stride exceeds the target gets stride 1 and dilation
 nominal / target, as in the PSPNet authors' ResNet (all 3x3 convs of layer3 dilated 2, of
 layer4 dilated 4). VGG's max-pools can't be dilated away; its output stride stays 32.
+ConvNeXt's 2x2 stride-2 down-sampling convs dilate too: at rate 2 or 4 their two taps
+sit `rate` apart, centred with padding rate / 2.
+
+A map at stride s has ceil(H / s) rows, as padded strided convs give (ResNet, MobileNet,
+EfficientNet, RegNet). ConvNeXt's convs have no padding and would floor instead, dropping
+up to 31 bottom rows: its input is zero-padded bottom/right to a multiple of its output
+stride and each map is cut back to ceil(H / s) rows, so every pixel is seen, any size works
+and decoders align its maps exactly as a ResNet's. ConvNeXt starts at stride 4 (its stem is
+a 4x4 stride-4 conv), so a U-Net on it has no skip for its top two up-sampling steps.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tv
 from torch import nn
 
@@ -41,6 +52,8 @@ class EncoderSpec:
     first_conv: str  # path of the conv that sees the image
     min_size: int = 1  # smallest input side that survives every down-sampling
     dilatable: bool = True
+    pads_input: bool = False  # unpadded strided convs (ConvNeXt): pad the input, cut the maps to ceil(H / s)
+    batchnorm_at_deepest: bool = True  # BatchNorm runs on the deepest map (not ConvNeXt's LayerNorm)
 
     def __post_init__(self) -> None:
         if not len(self.stages) == len(self.channels) == len(self.strides):
@@ -56,6 +69,17 @@ def _feature_slices(*ends: int) -> tuple[tuple[str, ...], ...]:
     """Stages of a `features` Sequential: stage k runs features[ends[k-1]:ends[k]]."""
     starts = (0, *ends[:-1])
     return tuple(tuple(f"features.{i}" for i in range(start, end)) for start, end in zip(starts, ends))
+
+
+def _convnext(name: str, classifier: Callable[..., nn.Module]) -> EncoderSpec:
+    # features: stem (4x4 stride-4 conv), stage 1, then (down-sampling, stage) three times
+    return EncoderSpec(name, classifier, _feature_slices(2, 4, 6, 8), (96, 192, 384, 768), (4, 8, 16, 32),
+                       first_conv="features.0.0", pads_input=True, batchnorm_at_deepest=False)
+
+
+def _regnet(name: str, classifier: Callable[..., nn.Module], widths: tuple[int, ...]) -> EncoderSpec:
+    stages = (("stem",), *((f"trunk_output.block{i}",) for i in range(1, 5)))
+    return EncoderSpec(name, classifier, stages, (32, *widths), (2, 4, 8, 16, 32), first_conv="stem.0")
 
 
 ENCODERS: Registry[EncoderSpec] = Registry(
@@ -79,6 +103,15 @@ ENCODERS: Registry[EncoderSpec] = Registry(
             "mobilenet_v3_large", tv.mobilenet_v3_large, _feature_slices(2, 4, 7, 13, 17), (16, 24, 40, 112, 960),
             (2, 4, 8, 16, 32), first_conv="features.0.0",
         ),
+        # Stage 16 ends at features.5 (the stride-1 MBConv stage after the stride-2 one); 1280: the 1x1 head conv.
+        EncoderSpec(
+            "efficientnet_v2_s", tv.efficientnet_v2_s, _feature_slices(2, 3, 4, 6, 8), (24, 48, 64, 160, 1280),
+            (2, 4, 8, 16, 32), first_conv="features.0.0",
+        ),
+        _regnet("regnet_y_800mf", tv.regnet_y_800mf, (64, 144, 320, 784)),
+        _regnet("regnet_x_1_6gf", tv.regnet_x_1_6gf, (72, 168, 408, 912)),
+        _convnext("convnext_tiny", tv.convnext_tiny),
+        _convnext("convnext_small", tv.convnext_small),
     ),
     sort_valid=False,  # smallest to largest within a kind, as registered
     error=ValueError,  # a caller's bug: the schema has checked a job file's model.encoder already
@@ -98,7 +131,7 @@ class Encoder(Backbone):
             raise ValueError(f"encoder '{name}': output_stride must be {valid}, got {output_stride}")
         self.name = name
         self.first_conv = spec.first_conv
-        self.min_size = spec.min_size
+        self.min_size = min(spec.min_size, output_stride)  # a dilated stage no longer floors
         self.channels = spec.channels
         classifier = spec.classifier(weights=None)
         used = {path.split(".")[0] for stage in spec.stages for path in stage}
@@ -110,6 +143,7 @@ class Encoder(Backbone):
         # plain lists, not ModuleLists: the modules are registered once, under torchvision's names
         self.stage_modules = [[self.get_submodule(path) for path in stage] for stage in spec.stages]
         self.strides = tuple(min(stride, output_stride) for stride in spec.strides)
+        self.pad_multiple = self.strides[-1] if spec.pads_input else 1
         for stage, stride in zip(self.stage_modules, spec.strides):
             if stride > output_stride:
                 _dilate(stage, rate=stride // output_stride)
@@ -120,19 +154,26 @@ class Encoder(Backbone):
                 f"the {self.name} encoder needs inputs of at least {self.min_size}x{self.min_size} pixels "
                 f"(got {x.shape[-2]}x{x.shape[-1]})"
             )
+        height, width = x.shape[-2:]
+        if self.pad_multiple > 1:
+            x = F.pad(x, (0, -width % self.pad_multiple, 0, -height % self.pad_multiple))
         features = []
-        for stage in self.stage_modules:
+        for stage, stride in zip(self.stage_modules, self.strides):
             for module in stage:
                 x = module(x)
-            features.append(x)
+            # the next stage reads the whole padded map; decoders get the rows and columns that hold the image
+            features.append(x[..., : -(-height // stride), : -(-width // stride)] if self.pad_multiple > 1 else x)
         return features
 
 
 def _dilate(stage: list[nn.Module], rate: int) -> None:
-    """Stride 1 and dilation `rate` for every conv of a stage; padding keeps 'same' sizes."""
+    """Stride 1 and dilation `rate` for every conv of a stage; padding keeps 'same' sizes
+    ((k - 1) x rate / 2 a side: exact for odd kernels, and for ConvNeXt's 2x2 at even rates)."""
     for module in stage:
         for conv in module.modules():
             if isinstance(conv, nn.Conv2d):
+                if any((k - 1) * rate % 2 for k in conv.kernel_size):
+                    raise ValueError(f"a {conv.kernel_size} conv cannot keep its size at dilation {rate}")
                 conv.stride = (1, 1)
                 conv.dilation = (rate, rate)
-                conv.padding = tuple(k // 2 * rate for k in conv.kernel_size)
+                conv.padding = tuple((k - 1) * rate // 2 for k in conv.kernel_size)

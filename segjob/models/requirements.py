@@ -6,21 +6,32 @@ driver, so that a job no worker could train is one line instead of `max_failures
 
 Every sample reaches the model as data.image_size x data.image_size. A model that halves its
 input k times with max-pools (which floor odd sizes) needs 2**k pixels to keep one at its
-deepest level; strided convolutions with padding (ResNet, MobileNet) round up and take any
-size. No model needs a size divisible by anything: odd sizes are padded back (U-Net),
-un-pooled to their recorded size (SegNet) or cropped (encoder U-Net, PSPNet).
+deepest level; strided convolutions with padding (ResNet, MobileNet, EfficientNet, RegNet)
+round up and take any size, and so does ConvNeXt, whose input the encoder pads (encoders.py).
+No model needs a size divisible by anything: odd sizes are padded back (U-Net), un-pooled to
+their recorded size (SegNet), cropped (encoder U-Net) or resized (PSPNet, DeepLabV3+, torchvision's).
 
 In training, BatchNorm needs more than one value per channel. A one-sample batch (batch_size 1
 on a rank whose BatchNorm is not synchronised with others) has one value wherever a map is 1x1:
-at the deepest level of a model at its smallest input, and always in PSPNet's 1x1 pyramid bin.
+at the deepest level of a model at its smallest input, and always in PSPNet's 1x1 pyramid bin
+and in ASPP's image pooling (DeepLabV3+, torchvision's DeepLabV3).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from segjob.job.schema import EncoderModelBase, JobConfig, PSPNetConfig, SegNetConfig, UNetConfig
+from segjob.job.schema import (
+    DeepLabV3PlusConfig,
+    EncoderModelBase,
+    JobConfig,
+    PSPNetConfig,
+    SegNetConfig,
+    TorchvisionModelBase,
+    UNetConfig,
+)
 from segjob.models.encoders import encoder_spec
+from segjob.models.torchvision_segmentation import TORCHVISION_MODELS
 
 
 @dataclass(frozen=True)
@@ -36,31 +47,55 @@ class ModelNeeds:
 def _encoder_needs(cfg: EncoderModelBase, output_stride: int = 32) -> ModelNeeds:
     spec = encoder_spec(cfg.encoder)
     stages = len(spec.stages)
+    smallest = min(spec.min_size, output_stride)  # dilated stages no longer floor
     if spec.min_size > 1:  # VGG: max-pools floor; its last stage is that pool alone, BatchNorm runs before it
-        smallest, alone = spec.min_size, 2 * spec.strides[-2]
-    else:  # padded strided convolutions round up: the deepest map is 1x1 up to `output_stride` pixels
-        smallest, alone = spec.min_size, output_stride + 1
+        alone = 2 * spec.strides[-2]
+    elif spec.batchnorm_at_deepest:  # padded strided convolutions round up: the deepest map is 1x1 up to
+        alone = output_stride + 1  # `output_stride` pixels
+    else:  # ConvNeXt: LayerNorm normalises each pixel over its channels, whatever the batch
+        alone = smallest
     if cfg.freeze_encoder is True or cfg.freeze_encoder >= stages:  # frozen BatchNorm keeps its statistics
         alone = smallest
     return ModelNeeds(smallest, alone, f"model.encoder {cfg.encoder}", "another model.encoder",
                       encoder_stages=stages)
 
 
+def _one_value_per_sample(needs: ModelNeeds, what: str) -> ModelNeeds:
+    """`needs` for a head that runs BatchNorm on a 1x1 map whatever the input size: no one-sample batches."""
+    return replace(needs, smallest_alone=None, alone_fix=f"raise train.batch_size to 2 ({what} has one value per "
+                   "sample)")
+
+
 def unet_needs(cfg: UNetConfig) -> ModelNeeds:
-    if cfg.encoder != "none":  # the decoder's first level is already twice the encoder's deepest
-        return _encoder_needs(cfg)
+    if cfg.encoder != "none":
+        needs = _encoder_needs(cfg)
+        # the decoder's first double conv (BatchNorm) runs at the stride-16 skip's size, frozen encoder or not
+        spec = encoder_spec(cfg.encoder)
+        decoder_alone = spec.strides[-2] + 1 if spec.min_size == 1 else 2 * spec.strides[-2]
+        return replace(needs, smallest_alone=max(needs.smallest_alone, decoder_alone))
     # `depth` max-pools; the bottom double conv (with BatchNorm) runs at the deepest level
     return ModelNeeds(2**cfg.depth, 2 ** (cfg.depth + 1), f"model.depth {cfg.depth}", "a smaller model.depth")
 
 
 def pspnet_needs(cfg: PSPNetConfig) -> ModelNeeds:
     encoder = _encoder_needs(cfg, cfg.output_stride)
-    # the heads run at the encoder's deepest map, whatever is frozen
-    alone = None if 1 in cfg.bins else cfg.output_stride + 1
-    return ModelNeeds(encoder.smallest, alone, encoder.set_by, encoder.fix,
-                      alone_fix="raise train.batch_size to 2 (the 1x1 pyramid bin of model.bins has one value "
-                      "per sample)" if alone is None else "raise train.batch_size to 2",
-                      encoder_stages=encoder.encoder_stages)
+    if 1 in cfg.bins:
+        return _one_value_per_sample(encoder, "the 1x1 pyramid bin of model.bins")
+    # the heads run BatchNorm at the encoder's deepest map, whatever is frozen
+    return replace(encoder, smallest_alone=cfg.output_stride + 1)
+
+
+def deeplabv3plus_needs(cfg: DeepLabV3PlusConfig) -> ModelNeeds:
+    return _one_value_per_sample(_encoder_needs(cfg, cfg.output_stride), "ASPP's image-pooling branch")
+
+
+def torchvision_needs(cfg: TorchvisionModelBase) -> ModelNeeds:
+    spec = TORCHVISION_MODELS.lookup(cfg.name)
+    encoder = _encoder_needs(cfg, spec.output_stride)
+    if spec.image_pooling:
+        return _one_value_per_sample(encoder, "ASPP's image-pooling branch")
+    # FCN's and LR-ASPP's heads run BatchNorm at the backbone's deepest map, whatever is frozen
+    return replace(encoder, smallest_alone=spec.output_stride + 1)
 
 
 def segnet_needs(cfg: SegNetConfig) -> ModelNeeds:

@@ -4,8 +4,10 @@
 
 The file is a torchvision state dict of the whole classifier (`.pth`/`.pt`, read with
 `weights_only=True`, or `.safetensors`), exactly what torchvision's own download holds;
-the classifier head (fc, classifier) is ignored. A 3-channel first conv is widened to the
-encoder's input channels (see input_channels.py). Any other disagreement stops with one
+the classifier head (fc, classifier) is ignored. torchvision's segmentation models take the
+same classifier file for their backbone (Backbone.pretrained_keys maps the names); to take a
+backbone out of one of torchvision's segmentation files, see docs/models.md. A 3-channel
+first conv is widened to the encoder's input channels (see input_channels.py). Any other disagreement stops with one
 line naming the file and the layer. Object-store credentials and endpoints come from the
 usual places (AWS_ENDPOINT_URL, STORAGE_EMULATOR_HOST, the provider chains).
 """
@@ -32,28 +34,31 @@ def load_encoder_weights(encoder: Backbone, source: str, extra_channel_init: Ext
     """Load a torchvision state dict into `encoder` (in place); every problem is a UserError naming `source`."""
     state = read_state_dict(source)
     own = encoder.state_dict()
+    keys = encoder.pretrained_keys()  # own key -> torchvision's key (a torchvision segmentation model's differ)
     first_conv = f"{encoder.first_conv}.weight"
-    given = state.get(first_conv)
-    if given is not None and given.ndim == 4 and given.shape[1] == 3 and own[first_conv].shape[1] != 3:
-        state[first_conv] = widen_rgb_filters(given, own[first_conv].shape[1], extra_channel_init)
+    own_first_conv = next(own_key for own_key, key in keys.items() if key == first_conv)
+    given, wanted = state.get(first_conv), own[own_first_conv].shape[1]
+    if given is not None and given.ndim == 4 and given.shape[1] == 3 and wanted != 3:
+        state[first_conv] = widen_rgb_filters(given, wanted, extra_channel_init)
 
     # Weights saved before BatchNorm counted its batches (torchvision's 2017 files) lack the counters.
-    missing = [key for key in own if key not in state and not key.endswith("num_batches_tracked")]
+    missing = [key for key in keys.values() if key not in state and not key.endswith("num_batches_tracked")]
     if missing:
         raise UserError(
             f"{KEY}: {source} lacks {len(missing)} of the {encoder.name} encoder's tensors, the first "
             f"'{missing[0]}'; expected a torchvision {encoder.name} state dict"
         )
-    for key, tensor in own.items():
-        if key in state and state[key].shape != tensor.shape:
+    for own_key, key in keys.items():
+        if key in state and state[key].shape != own[own_key].shape:
             raise UserError(
                 f"{KEY}: {source}: layer '{key}' has shape {tuple(state[key].shape)} but the {encoder.name} "
-                f"encoder needs {tuple(tensor.shape)}; is the file for another architecture or width?"
+                f"encoder needs {tuple(own[own_key].shape)}; is the file for another architecture or width?"
             )
-    unused = sorted(key for key in state if key not in own)
+    unused = sorted(set(state) - set(keys.values()))
     if unused:
         log.info("%s: ignored %d tensors outside the encoder (%s, ...)", source, len(unused), unused[0])
-    encoder.load_state_dict({key: state[key] for key in own if key in state}, strict=False)
+    # strict=False: a whole model (torchvision's) keeps its heads as they are
+    encoder.load_state_dict({own_key: state[key] for own_key, key in keys.items() if key in state}, strict=False)
 
 
 def read_state_dict(source: str) -> dict[str, torch.Tensor]:
