@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from segjob.engine.inference import protocol_of
 from segjob.engine.session import Session
 from segjob.job.schema import JobConfig
 from segjob.store import checkpoint
@@ -95,6 +96,7 @@ class Committer:
             checkpoint.write_local(folder, *state)
             meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
                                          metrics=metrics, reason=reason)
+            meta["scoring"] = protocol_of(self.job).record()  # how the val/ metrics were counted
             info = checkpoint.commit(self.storage, self.run_path, folder, meta)
         except Exception as error:  # storage errors come in many types; none may stop training
             log.warning("checkpoint at step %d NOT committed (%s: %s); training goes on, "
