@@ -139,7 +139,8 @@ class DataBase(Section):
 
     @model_validator(mode="after")
     def _one_zoom_range(self) -> DataBase:
-        if self.crop is not None and "scale" in self.augment.model_fields_set:
+        # compared with the default, not "was it given": a recorded job (meta.json) lists every key
+        if self.crop is not None and tuple(self.augment.scale) != AugmentConfig.model_fields["scale"].default:
             raise ValueError("augment.scale and crop.scale are both set; in crop mode the zoom comes from "
                              "crop.scale: drop augment.scale")
         return self
