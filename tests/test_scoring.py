@@ -264,3 +264,20 @@ def test_a_crop_run_is_scored_with_sliding_windows_and_evaluate_says_so(crop_run
         "tta": {"flip": True, "scales": [0.75, 1.0]},
     }
     assert np.asarray(record["confusion_matrix"]).sum() == 4 * 48 * 48
+
+
+def test_predict_runs_sliding_windows_and_test_time_views_at_the_photo_s_size(crop_run, tmp_path):
+    from segjob.predict import main as predict_main
+
+    path = tmp_path / "wide.png"
+    Image.fromarray((np.random.default_rng(0).random((50, 90, 3)) * 255).astype(np.uint8)).save(path)
+    out = tmp_path / "out"
+    assert predict_main([str(crop_run.checkpoint_dir), str(path), "--out", str(out), "--no-progress",
+                         "--tta-flip", "--tta-scales", "1", "1.5"]) == 0
+    record = json.loads((out / "predictions.json").read_text())
+    assert record["protocol"]["inference"]["mode"] == "sliding window"
+    assert record["protocol"]["tta"] == {"flip": True, "scales": [1.0, 1.5]}
+    with Image.open(out / "wide.mask.png") as mask:
+        assert mask.size == (90, 50)
+    with pytest.raises(SystemExit):
+        predict_main([str(crop_run.checkpoint_dir), str(path), "--out", str(out), "--tta-scales", "0"])
