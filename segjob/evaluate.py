@@ -3,6 +3,7 @@
     python -m segjob.evaluate ./best
     python -m segjob.evaluate s3://bucket/runs/pets_unet --data /data/oxford-iiit-pet --out eval/pets
     python -m segjob.evaluate runs/quickstart/checkpoints/step-000000384 --split train --limit 200
+    python -m segjob.evaluate ./best --data /data/VOCdevkit --tta-flip --tta-scales 0.75 1 1.25
 
 CKPT is a checkpoint folder, or a run folder (its best checkpoint by the run's metric;
 --pick latest for the newest), local, s3:// or gs://. A dataset that reads files needs --data
@@ -17,8 +18,15 @@ used. Every sample of the split is scored exactly once (the count is checked). W
                      ASSD, as in the Pets U-Net study), IoU per class, the confusion matrix,
                      box plots of per-image Dice and ASSD per class
 
-ASSD is in pixels at the evaluated size (data.image_size); see segjob.learning.metrics for
-its convention when a mask is empty. --no-assd skips it, --no-figures the pictures.
+Pixels are counted on each label file's own grid by default (the job's eval.grid, as published
+figures are counted): the model runs at the job's scale (data.image_size; sliding windows of
+data.crop.size where the job trained on crops) and its logits are upsampled to the label's size.
+--grid input counts on the model's input grid instead (labels resized), segjob's count before
+eval.grid existed. --tta-flip and --tta-scales add test-time views whose probabilities are
+averaged. metrics.json records the protocol used ("protocol"), and so do the log lines.
+
+ASSD is in pixels of the grid counted on; see segjob.learning.metrics for its convention when
+a mask is empty. --no-assd skips it, --no-figures the pictures.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_log
 from segjob.results.arguments import add_checkpoint_arguments, check_output_folder, trained_from_arguments
 from segjob.results.evaluation import evaluate
 from segjob.results.evaluation_outputs import write_outputs
+from segjob.results.protocol_arguments import add_protocol_arguments, check_protocol_arguments, protocol_from_arguments
 
 log = logging.getLogger("segjob")
 
@@ -49,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="DataLoader processes (default: the job's data.loader_workers)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="one-channel models: foreground above this probability")
+    add_protocol_arguments(parser, grid=True)
     parser.add_argument("--no-assd", dest="assd", action="store_false", help="skip ASSD")
     parser.add_argument("--no-figures", dest="figures", action="store_false",
                         help="only metrics.json and per_image.csv")
@@ -61,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--workers must be 0 (load in this process) or more")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         parser.error("--threshold must be between 0 and 1")
+    check_protocol_arguments(parser, args)
     return args
 
 
@@ -74,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     trained = trained_from_arguments(args, need_data=True)
     workers = trained.job.data.loader_workers if args.workers is None else args.workers
     result = evaluate(trained, args.split, args.batch_size or trained.job.train.batch_size, workers, args.limit,
-                      args.assd, args.threshold, args.progress)
+                      args.assd, args.threshold, args.progress, protocol_from_arguments(trained.job, args))
     written = write_outputs(result, out, args.figures)
     summary = result.summary()
     keys = [f"{args.split}/{name}" for name in ("miou", "pixel_acc", "dice", "assd", "loss")]
     shown = "  ".join(f"{key} {summary[key]:.4f}" for key in keys if key in summary)
-    log.info("%s, %d %s images: %s", trained.source, result.scores.indices.size, args.split, shown)
+    log.info("%s, %d %s images (%s): %s", trained.source, result.scores.indices.size, args.split,
+             result.protocol.describe(), shown)
     log.info("wrote %d files to %s", len(written), out)
     return 0
 

@@ -4,10 +4,14 @@
     python -m segjob.predict s3://bucket/runs/leaf leaf1.jpg --out leaf/ --threshold 0.4
     python -m segjob.predict ./nyu_best rgb1.png rgb2.png --depth d1.png d2.png --out nyu/
     python -m segjob.predict ./best cat.jpg --out predictions/ --export-onnx model.onnx
+    python -m segjob.predict ./best street.png --out streets/ --tta-flip --tta-scales 0.75 1 1.25
 
 Each image goes through the dataset's evaluation transform (resize to data.image_size,
-squashed or fitted and padded as the job says; ImageNet normalisation), and the prediction
-is scaled back to the image's own size. The dataset is built only when --data (or --set
+squashed or fitted and padded as the job says; ImageNet normalisation), the model runs over it
+whole, or in sliding windows of data.crop.size where the job trained on crops, and its logits
+are upsampled (bilinear) to the image's own size, as evaluate scores. --tta-flip and
+--tta-scales add test-time views (a mirrored one; multiples of the job's scale) whose
+probabilities are averaged. The dataset is built only when --data (or --set
 data.root=...) says where it is; otherwise class names and colours come from the checkpoint's
 job. Where to read data and which endpoint to reach never come from the checkpoint.
 For every image STEM, --out gets:
@@ -43,15 +47,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 from torchvision import tv_tensors
 from tqdm import tqdm
 
 from segjob.data.labels import IGNORE_INDEX
-from segjob.data.transforms import Depth, build_transform
+from segjob.data.transforms import Depth, build_transform, padding_fill
 from segjob.engine.evaluation import logits_of
+from segjob.engine.inference import Predictor, Protocol, protocol_of
 from segjob.errors import ArgumentParser, UserError, exits_cleanly_on_user_error, setup_logging
 from segjob.learning.metrics import predict_labels
 from segjob.results import figures
@@ -61,6 +65,7 @@ from segjob.results.arguments import (
     check_output_folder,
     trained_from_arguments,
 )
+from segjob.results.protocol_arguments import add_protocol_arguments, check_protocol_arguments, protocol_from_arguments
 from segjob.results.trained import Trained
 
 log = logging.getLogger("segjob")
@@ -190,18 +195,19 @@ def probability_of(trained: Trained, logits: torch.Tensor) -> torch.Tensor | Non
 
 
 @torch.inference_mode()
-def predict(trained: Trained, prepared: list[Prepared], threshold: float) -> list[Prediction]:
-    """Logits at the model's size, padding cut off, resized (bilinear) to each image's size, then labels."""
-    images = torch.stack([item.tensor for item in prepared]).to(trained.device)
-    logits = logits_of(trained.model, images).float()
+def predict(trained: Trained, prepared: list[Prepared], threshold: float,
+            protocol: Protocol | None = None) -> list[Prediction]:
+    """The image's own pixels at the model's scale (padding cut off), run per the protocol (the job's by
+    default), logits upsampled (bilinear) to each image's size, then labels."""
+    predictor = Predictor(trained.model, protocol or protocol_of(trained.job),
+                          padding_fill(trained.job.data, trained.in_channels), trained.device)
+    images = [item.tensor[:, :item.content[0], :item.content[1]] for item in prepared]
+    sizes = [item.rgb.shape[:2] for item in prepared]
     predictions = []
-    for item, one in zip(prepared, logits):
-        rows, cols = item.content
-        height, width = item.rgb.shape[:2]
-        scaled = F.interpolate(one[None, :, :rows, :cols], size=(height, width), mode="bilinear", align_corners=False)
-        probability = probability_of(trained, scaled)
+    for logits in predictor(images, sizes):
+        probability = probability_of(trained, logits[None])
         predictions.append(Prediction(
-            predict_labels(scaled, threshold)[0].cpu().numpy(),
+            predict_labels(logits[None], threshold)[0].cpu().numpy(),
             None if probability is None else probability[0].cpu().numpy(),
         ))
     return predictions
@@ -299,6 +305,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="one-channel models: foreground above this probability "
                              "(default: the job's loss.threshold)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    add_protocol_arguments(parser, grid=False)
     parser.add_argument("--export-onnx", type=Path, default=None, metavar="FILE.onnx",
                         help="also export the model to ONNX and check it against PyTorch with onnxruntime")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -314,6 +321,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--threshold must be between 0 and 1")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    check_protocol_arguments(parser, args)
     return args
 
 
@@ -336,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     if trained.in_channels != 4 and args.depth is not None:
         raise UserError(f"--depth: the model takes {trained.in_channels} input channels, no depth")
     threshold = trained.threshold if args.threshold is None else args.threshold
+    protocol = protocol_from_arguments(trained.job, args)
     transform = evaluation_transform(trained)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -348,9 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         end = start + args.batch_size
         chunk = [prepare(trained, path, depth, transform)
                  for path, depth in zip(args.images[start:end], depths[start:end])]
-        for item, prediction, stem in zip(chunk, predict(trained, chunk, threshold), stems[start:end]):
+        for item, prediction, stem in zip(chunk, predict(trained, chunk, threshold, protocol), stems[start:end]):
             records.append(write_prediction(trained, item, prediction, args.out, stem))
-    summary: dict[str, Any] = {"checkpoint": trained.source, "class_names": trained.class_names, "images": records}
+    summary: dict[str, Any] = {"checkpoint": trained.source, "class_names": trained.class_names,
+                               "protocol": protocol.record(), "images": records}
     if trained.is_binary:
         summary["threshold"] = threshold
     if args.export_onnx is not None:

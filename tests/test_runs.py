@@ -54,3 +54,13 @@ def test_restart_names_a_fresh_run_beside_the_old(storage):
     assert run_folder.fresh_run_name(storage, "run") == "run-r2"
     run_folder.check_same_job(storage, storage.path("run-r2"), job(name="run-r2"), "j")
     assert run_folder.fresh_run_name(storage, "run") == "run-r3"
+
+
+def test_a_run_recorded_before_eval_existed_keeps_its_input_grid_count(storage):
+    path = storage.path("run")
+    old = job().model_dump(mode="json")
+    del old["eval"], old["tracking"]  # a job.json written before these sections existed
+    storage.write_bytes(f"{path}/{run_folder.JOB_FILE}", json.dumps(old).encode())
+    with pytest.raises(UserError, match=r"eval.grid \('input' -> 'original'\)"):
+        run_folder.check_same_job(storage, path, job(), "job.yaml")
+    run_folder.check_same_job(storage, path, job(eval={"grid": "input"}), "job.yaml")  # its own count: resumes

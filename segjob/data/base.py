@@ -97,6 +97,22 @@ class SegmentationDataset(Dataset, ABC):
         """Everything wrong with sample `index`, each naming its file; [] when it is fine.
         Reads the files fully (python -m segjob.check and the check before training call it)."""
 
+    def load_original(self, index: int) -> Sample:
+        """The raw sample with its mask on the label file's own grid, the one scores are counted on
+        (the image may be decoded smaller). Datasets whose load() keeps the label's grid inherit this."""
+        return self.load(index)
+
+    def scoring_item(self, index: int, transform: JointTransform) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image [C, h, w] at the job's scale through `transform`, unpadded; target on the label's own
+        grid [H, W] (or [K, H, W] soft)). Never augmented, whichever split this is."""
+        sample = self.load_original(index)
+        mask = sample.pop("mask")
+        sample = transform(sample)
+        image = sample["image"].as_subclass(torch.Tensor)
+        if "depth" in sample:
+            image = torch.cat([image, sample["depth"].as_subclass(torch.Tensor)])
+        return image, self.target(mask)
+
     def target(self, mask: torch.Tensor) -> torch.Tensor:
         """The training target from the transformed mask: int64 labels (soft-label datasets override)."""
         return mask.as_subclass(torch.Tensor).to(torch.int64)

@@ -81,12 +81,20 @@ class PairedFileDataset(SegmentationDataset):
         return read_labels(path, self.coding, grid)
 
     def load(self, index: int) -> Sample:
+        return self._load(index, on_image_grid=True)
+
+    def load_original(self, index: int) -> Sample:
+        return self._load(index, on_image_grid=False)
+
+    def _load(self, index: int, on_image_grid: bool) -> Sample:
+        """The sample; its mask on the (possibly draft-decoded) image's grid, or on the label file's own."""
         name = self.names[index]
         path = self.image_path(name)
         try:
             image, original = read_image(path, self.transform.decode_size)
             path = self.label_path(name)
-            grid = (image.shape[-1], image.shape[-2])  # smaller than the file when the JPEG was draft-decoded
+            # smaller than the file when the JPEG was draft-decoded; the file's own size for scoring
+            grid = (image.shape[-1], image.shape[-2]) if on_image_grid else original
             raw, label_size = self.read_raw_labels(path, grid)
         except LabelFileError as error:
             raise UserError(f"{self.who(name)}: {self.label_kind} {error}") from None
@@ -96,6 +104,8 @@ class PairedFileDataset(SegmentationDataset):
             mismatch = size_mismatch(self.image_path(name), original, path, label_size, self.label_kind)
             raise UserError(f"{self.who(name)}: {mismatch}")
         mask = tv_tensors.Mask(torch.from_numpy(self.coding.decode(raw)))
+        if not on_image_grid:
+            return {"image": image, "mask": mask}
         return {"image": image, "mask": resize(mask, list(image.shape[-2:]))}  # a no-op unless a .mat mask
 
     def inspect(self, index: int) -> list[Finding]:

@@ -17,8 +17,11 @@ the steps after it.
 
 Training: one geometric step (zoom, rotation and crop to image_size, drawn together and done
 as one crop-then-resize, so the work is proportional to the output, not to the zoomed image),
-the flip, the photometric steps, normalisation. Evaluation: a deterministic resize (squash, or
-fit and pad), normalisation.
+the flip, the photometric steps, normalisation. In crop mode (data.crop) the same step cuts
+crop-sized squares out of the image at the job's scale, zoomed by data.crop.scale. Evaluation:
+a deterministic resize (squash, or fit and pad), normalisation. Scoring (build_scoring_transform)
+resizes the image alone and leaves the padding to the inference (segjob.engine.inference), which
+knows the model's input; the label stays on its own grid.
 """
 
 from __future__ import annotations
@@ -117,19 +120,22 @@ class PadTo:
 
 
 class RandomGeometry:
-    """Zoom, rotate and crop (or pad) to size x size, drawn once for the whole sample.
+    """Zoom, rotate and crop (or pad) to crop x crop, drawn once for the whole sample.
 
-    The output square is a window on the zoomed image at a random position (when the zoomed
-    image is smaller than the window, the image lands at a random place in it and the rest is
-    padding). For a rotation the window grows by |cos a| + |sin a| so the corners are filled
-    from the image, not from padding, where the image extends that far; it is rotated and
-    then cut back to the centre. Only the part of the source under the window is resized.
+    The zoom is relative to the image at the job's scale (`size`, squashed or fitted); the crop
+    is `size` itself unless crop mode asks for smaller windows. The output square is a window on
+    the zoomed image at a random position (when the zoomed image is smaller than the window, the
+    image lands at a random place in it and the rest is padding). For a rotation the window grows
+    by |cos a| + |sin a| so the corners are filled from the image, not from padding, where the
+    image extends that far; it is rotated and then cut back to the centre. Only the part of the
+    source under the window is resized.
     """
 
     random = True
 
-    def __init__(self, size: int, fit: bool, scale: tuple[float, float], rotation: float):
+    def __init__(self, size: int, fit: bool, scale: tuple[float, float], rotation: float, crop: int | None = None):
         self.size, self.fit, self.scale, self.rotation = size, fit, scale, rotation
+        self.crop = crop or size
 
     def __call__(self, sample: Sample, generator: torch.Generator | None) -> Sample:
         zoom = uniform(generator, *self.scale)
@@ -141,17 +147,17 @@ class RandomGeometry:
         factor_y, factor_x = factor_y * zoom, factor_x * zoom
         radians = math.radians(angle)
         grow = abs(math.cos(radians)) + abs(math.sin(radians))
-        margin = math.ceil((self.size * grow - self.size) / 2) if angle else 0
-        window = self.size + 2 * margin
+        margin = math.ceil((self.crop * grow - self.crop) / 2) if angle else 0
+        window = self.crop + 2 * margin
         # window position in zoomed-image pixels: inside the image when it is larger, around it when smaller
-        top = _place(height * factor_y, self.size, along_y) - margin
-        left = _place(width * factor_x, self.size, along_x) - margin
+        top = _place(height * factor_y, self.crop, along_y) - margin
+        left = _place(width * factor_x, self.crop, along_x) - margin
         rows = _covered(top, height, factor_y, window)
         cols = _covered(left, width, factor_x, window)
         out = {key: _crop_resize_pad(value, rows, cols, window) for key, value in sample.items()}
         if angle:
             out = {key: _rotate(value, angle) for key, value in out.items()}
-            out = {key: F.center_crop(value, [self.size, self.size]) for key, value in out.items()}
+            out = {key: F.center_crop(value, [self.crop, self.crop]) for key, value in out.items()}
         return out
 
 
@@ -255,12 +261,23 @@ def geometric_steps(augment: AugmentConfig, size: int, fit: bool) -> list[Step]:
     return [RandomGeometry(size, fit, zoom, rotation), RandomHorizontalFlip(augment.hflip)]
 
 
+def crop_steps(cfg: DataBase, fit: bool) -> list[Step]:
+    """Crop mode's training geometry: a crop-sized window on the image at the job's scale, zoomed by
+    crop.scale (not scaled by strength: it defines the mode), rotated by strength x rotation; the flip."""
+    rotation = cfg.augment.strength * cfg.augment.rotation
+    return [RandomGeometry(cfg.image_size, fit, cfg.crop.scale, rotation, crop=cfg.crop.size),
+            RandomHorizontalFlip(cfg.augment.hflip)]
+
+
 def build_transform(cfg: DataBase, train: bool) -> JointTransform:
     """Training: geometry, flip, photometric, normalise. Evaluation: resize (and pad), normalise.
-    Every sample leaves image_size square; depth is normalised with the config's statistics
-    (RGB-D datasets carry depth_mean and depth_std)."""
+    Every sample leaves image_size square (crop.size in crop mode's training); depth is normalised
+    with the config's statistics (RGB-D datasets carry depth_mean and depth_std)."""
     fit = cfg.resize == "fit"
-    if train:
+    if train and cfg.crop is not None:
+        steps = crop_steps(cfg, fit) + photometric_steps(cfg.augment)
+        max_zoom = cfg.crop.scale[1]
+    elif train:
         steps = geometric_steps(cfg.augment, cfg.image_size, fit) + photometric_steps(cfg.augment)
         max_zoom = scaled_range(*cfg.augment.scale, cfg.augment.strength)[1]
     else:
@@ -268,3 +285,22 @@ def build_transform(cfg: DataBase, train: bool) -> JointTransform:
         max_zoom = 1.0
     steps.append(Normalize(getattr(cfg, "depth_mean", 0.0), getattr(cfg, "depth_std", 1.0)))
     return JointTransform(steps, cfg.image_size, fit, max(1.0, max_zoom))
+
+
+def build_scoring_transform(cfg: DataBase) -> JointTransform:
+    """The image (and depth) at the job's scale, normalised, without padding: what scoring feeds the
+    inference (segjob.engine.inference pads it to the model's input). The mask is not part of it."""
+    fit = cfg.resize == "fit"
+    steps = [Resize(cfg.image_size, fit), Normalize(getattr(cfg, "depth_mean", 0.0), getattr(cfg, "depth_std", 1.0))]
+    return JointTransform(steps, cfg.image_size, fit)
+
+
+def padding_fill(cfg: DataBase, channels: int) -> torch.Tensor:
+    """float32 [channels]: a black pixel (depth 0, "no reading") after this job's normalisation, what
+    padding before normalising gives; padding a normalised image with it is padding the raw one."""
+    black = {"image": tv_tensors.Image(torch.zeros(3, 1, 1, dtype=torch.uint8))}
+    if channels > 3:
+        black["depth"] = Depth(torch.zeros(1, 1, 1))
+    out = Normalize(getattr(cfg, "depth_mean", 0.0), getattr(cfg, "depth_std", 1.0))(black, None)
+    parts = [out[key].as_subclass(torch.Tensor).reshape(-1) for key in ("image", "depth") if key in out]
+    return torch.cat(parts)[:channels]

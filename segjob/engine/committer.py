@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from segjob.engine.inference import protocol_of
 from segjob.engine.session import Session
 from segjob.job.schema import JobConfig
 from segjob.store import checkpoint
@@ -100,6 +101,7 @@ class Committer:
             meta = checkpoint.build_meta(folder, job=self.job.model_dump(mode="json"), step=step, epoch=epoch,
                                          metrics=metrics, reason=reason,
                                          generation=self.fence.generation if self.fence else 0)
+            meta["scoring"] = protocol_of(self.job).record()  # how the val/ metrics were counted
             info = checkpoint.commit(self.storage, self.run_path, folder, meta)
         except Superseded:
             raise  # a newer driver runs this run: this rank stops at its next flush

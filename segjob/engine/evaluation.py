@@ -1,13 +1,18 @@
 """Scoring a model on a split: the one evaluation core the engine and `evaluate` share.
 
-    scorer = Scorer(model, loss_fn, threshold, device)
-    for images, targets in loader:
-        labels, predicted = scorer.score(images, targets)   # keep what you need: a matrix, per-image scores
+    scorer = Scorer(model, loss_fn, threshold, device, protocol=protocol_of(job), fill=padding_fill(job.data, 3))
+    for indices, images, targets in loader:                  # a ScoringView's batches (segjob.data.scoring)
+        for labels, predicted in scorer.score(images, targets):   # per image: keep what you need
+            matrix.update(labels, predicted)
     scorer.all_reduce()                                      # once, after the last batch (DDP)
     metrics = summary(matrix, class_names, "val", scorer.loss)
 
-The loss is the job's own (the one training minimises), weighted by the labelled pixels
-each batch averaged over, so it does not depend on how the split was cut into batches or ranks.
+Images come at the job's scale, targets on their label file's own grid. The protocol says which
+grid pixels are counted on: "original" upsamples the logits (bilinear) to each label's size, so
+every labelled pixel of the dataset counts once, as published figures are counted; "input"
+resizes the labels (nearest) to the model's input instead. The loss is the job's own (the one
+training minimises) on that grid, weighted by the labelled pixels of each image, so it does not
+depend on how the split was cut into batches or ranks.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchvision import tv_tensors
 
 from segjob.data.labels import IGNORE_INDEX
+from segjob.data.transforms import resize
+from segjob.engine.inference import Predictor, Protocol
 from segjob.learning.metrics import ConfusionMatrix, predict_labels
 
 
@@ -37,30 +45,47 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return outputs["out"] if isinstance(outputs, dict) else outputs
 
 
-class Scorer:
-    """Runs a model over evaluation batches, summing the weighted loss and counting samples; each
-    batch's label maps and predictions go back to the caller, who keeps the scores it needs."""
+def on_input_grid(target: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A target ([H, W] labels or [K, H, W] probabilities) resized (nearest) to the model's input grid,
+    as the evaluation transform resizes masks."""
+    return resize(tv_tensors.Mask(target), list(size)).as_subclass(torch.Tensor)
 
-    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module, threshold: float, device: torch.device,
-                 precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+
+class Scorer:
+    """Runs a model over evaluation batches, summing the weighted loss (without a loss_fn: none) and
+    counting samples; each image's label map and prediction go back to the caller, who keeps the
+    scores it needs."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module | None, threshold: float, device: torch.device,
+                 precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 protocol: Protocol | None = None, fill: torch.Tensor | None = None):
         self.model, self.loss_fn, self.threshold, self.device = model, loss_fn, threshold, device
-        self.precision = precision  # autocast, when training runs in bf16/fp16
+        self.protocol = protocol or Protocol()
+        # padding: the normalised black pixel of the job's data (segjob.data.transforms.padding_fill)
+        self.predictor = Predictor(model, self.protocol, torch.zeros(1) if fill is None else fill, device, precision)
         # loss x labelled pixels, labelled pixels, samples: float64, so sums over a large split stay exact
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(label maps, predicted label maps) of one batch, on the device."""
-        images = images.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        with self.precision():
-            logits = logits_of(self.model, images)
-        labels = labels_of(targets)
-        labelled = (labels != IGNORE_INDEX).sum()
-        self.totals[0] += self.loss_fn(logits, targets).double() * labelled
-        self.totals[1] += labelled
-        self.totals[2] += images.shape[0]
-        return labels, predict_labels(logits, self.threshold)
+    def score(self, images: list[torch.Tensor], targets: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(label map [1, H, W], predicted label map [1, H, W]) per image, on the protocol's grid, on the device.
+        images: [C, h, w] at the job's scale; targets: on the label's own grid."""
+        targets = [target.to(self.device, non_blocking=True) for target in targets]
+        if self.protocol.grid == "input":
+            targets = [on_input_grid(target, image.shape[-2:]) for image, target in zip(images, targets)]
+        all_logits = self.predictor(images, [tuple(target.shape[-2:]) for target in targets])
+        scored = []
+        for logits, target in zip(all_logits, targets):
+            logits, target = logits[None], target[None]
+            labels = labels_of(target)
+            if self.loss_fn is not None:
+                labelled = (labels != IGNORE_INDEX).sum()
+                # an image without a labelled pixel adds nothing (its mean loss is 0/0)
+                self.totals[0] += torch.where(labelled > 0, self.loss_fn(logits, target).double() * labelled, 0.0)
+                self.totals[1] += labelled
+            scored.append((labels, predict_labels(logits, self.threshold)))
+        self.totals[2] += len(images)
+        return scored
 
     def all_reduce(self) -> None:
         """Sum over every rank (in place); a no-op without torch.distributed. Call it once."""

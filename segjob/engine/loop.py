@@ -32,8 +32,11 @@ from segjob.data import build_datasets
 from segjob.data.base import mix_seed
 from segjob.data.mixing import BatchMixer, build_mixer
 from segjob.data.sampler import EvalBatchSampler, TrainBatchSampler
+from segjob.data.scoring import ScoringView, collate_scoring
+from segjob.data.transforms import padding_fill
 from segjob.engine.committer import Committer
 from segjob.engine.evaluation import Scorer, summary
+from segjob.engine.inference import protocol_of
 from segjob.engine.preemption import sigterm, watcher
 from segjob.engine.preemption.plan import PreemptionPlan
 from segjob.engine.session import Session
@@ -382,10 +385,10 @@ def autocast(worker: Worker):
     return torch.autocast(worker.device.type, dtype=dtype, enabled=amp != "off")
 
 
-def make_loader(worker: Worker, dataset, batch_sampler) -> DataLoader:
+def make_loader(worker: Worker, dataset, batch_sampler, collate_fn=None) -> DataLoader:
     workers = worker.job.data.loader_workers
     return DataLoader(
-        dataset, batch_sampler=batch_sampler, num_workers=workers,
+        dataset, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=worker.device.type == "cuda", persistent_workers=False,
         multiprocessing_context="forkserver" if workers else None,
     )
@@ -397,11 +400,15 @@ def evaluate(worker: Worker) -> dict[str, float]:
     sampler = EvalBatchSampler(len(worker.val_set), worker.job.train.batch_size, session.rank, session.world_size)
     matrix = ConfusionMatrix(len(worker.val_set.class_names), device=worker.device)
     # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
+    # scored on each label's own grid (job.eval.grid), by whole image or sliding window (data.crop)
     scorer = Scorer(worker.model, worker.loss_fn, binary_threshold(worker.job.loss), worker.device,
-                    precision=lambda: autocast(worker))
+                    precision=lambda: autocast(worker), protocol=protocol_of(worker.job),
+                    fill=padding_fill(worker.job.data, worker.val_set.in_channels))
     worker.model.eval()
-    for images, masks in make_loader(worker, worker.val_set, sampler):
-        matrix.update(*scorer.score(images, masks))
+    view = ScoringView(worker.val_set, worker.job.data)
+    for _, images, targets in make_loader(worker, view, sampler, collate_scoring):
+        for labels, predicted in scorer.score(images, targets):
+            matrix.update(labels, predicted)
     worker.model.train()
     matrix.all_reduce()
     scorer.all_reduce()

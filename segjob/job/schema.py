@@ -89,15 +89,61 @@ class MixingConfig(Section):
         return self
 
 
+class CropConfig(Section):
+    """Crop mode (the PSPNet and torchvision recipes): training takes random crop x crop squares
+    from the image at the job's scale (data.image_size, data.resize) zoomed by a factor drawn from
+    `scale`, padded (ignored) where the zoomed image is smaller than the crop. Evaluation runs the
+    model over the image at the job's scale in overlapping crop x crop windows (sliding window)
+    and blends their logits."""
+
+    size: int = Field(ge=16, le=4096, description="side of the square training crops and evaluation windows, "
+                      "in pixels")
+    scale: tuple[float, float] = Field(
+        (0.5, 2.0), description="zoom range of the training crops (1 = the image at the job's scale); "
+        "replaces augment.scale",
+    )
+    overlap: float = Field(
+        0.5, ge=0.0, lt=1.0, description="evaluation: the share of a window its neighbour covers "
+        "(stride = size x (1 - overlap))",
+    )
+    blend: Literal["gaussian", "uniform"] = Field(
+        "gaussian", description="evaluation: how overlapping windows' logits are weighed: gaussian (centre "
+        "pixels count most, as nnU-Net) or uniform (a plain mean, as MMSegmentation)",
+    )
+
+    @field_validator("scale")
+    @classmethod
+    def _ordered_scale(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        low, high = scale
+        if not 0.05 <= low <= high <= 8.0:
+            raise ValueError("must be [low, high] with 0.05 <= low <= high <= 8, e.g. [0.5, 2.0]")
+        return scale
+
+
 class DataBase(Section):
-    image_size: int = Field(128, ge=16, le=4096, description="training and evaluation size (square)")
+    image_size: int = Field(
+        128, ge=16, le=4096, description="the job's scale: images are resized to this (squash: to a square; "
+        "fit: the longer side) for training and evaluation",
+    )
     resize: Literal["squash", "fit"] = Field(
         "fit", description="squash: to image_size x image_size ignoring the aspect ratio; "
         "fit: longer side to image_size, the rest padded and ignored",
     )
+    crop: CropConfig | None = Field(
+        None, description="train on random crops of the image at the job's scale and evaluate with sliding "
+        "windows of the same size; none: train and evaluate on the whole image",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     mixing: MixingConfig = Field(default_factory=MixingConfig)
     loader_workers: int = Field(0, ge=0, le=64, description="DataLoader processes per Ray worker")
+
+    @model_validator(mode="after")
+    def _one_zoom_range(self) -> DataBase:
+        # compared with the default, not "was it given": a recorded job (meta.json) lists every key
+        if self.crop is not None and tuple(self.augment.scale) != AugmentConfig.model_fields["scale"].default:
+            raise ValueError("augment.scale and crop.scale are both set; in crop mode the zoom comes from "
+                             "crop.scale: drop augment.scale")
+        return self
 
 
 class SyntheticData(DataBase):
@@ -783,6 +829,16 @@ class MetricConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """How validation counts pixels. segjob evaluate scores the same way unless its flags say otherwise."""
+
+    grid: Literal["original", "input"] = Field(
+        "original", description="original: logits are upsampled (bilinear) to each label's own size and every "
+        "labelled pixel of the dataset counts, as published figures are counted; input: labels are resized "
+        "(nearest) to the model's input at the job's scale (segjob's count before this key existed)",
+    )
+
+
 class JobConfig(Section):
     name: str = Field(pattern=RUN_NAME_PATTERN, description="the run's folder under storage.uri; stable across resumes")
     seed: int = 0
@@ -797,3 +853,4 @@ class JobConfig(Section):
     preemption: PreemptionSection = Field(default_factory=PreemptionSection)
     metric: MetricConfig = Field(default_factory=MetricConfig)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -5,7 +5,9 @@
     result.scores         # per-image confusion matrices (and ASSD), keyed by sample index
 
 Every sample of the split (or the first `limit`) is scored exactly once, with the engine's
-own evaluation core, so the figures are the ones training reported for the same weights.
+own evaluation core and, by default, the job's own protocol (eval.grid, data.crop), so the
+figures are the ones training reported for the same weights. Another grid or test-time
+augmentation is a Protocol passed in; the Evaluation records the one used.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from segjob.data.scoring import ScoringView, collate_scoring
+from segjob.data.transforms import padding_fill
 from segjob.engine.evaluation import Scorer, summary
+from segjob.engine.inference import Protocol, protocol_of
 from segjob.errors import UserError
 from segjob.learning.losses import build_loss
 from segjob.learning.metrics import ConfusionMatrix, ImageScores
@@ -33,6 +38,7 @@ class Evaluation:
     scores: ImageScores
     loss: float
     threshold: float
+    protocol: Protocol  # how the pixels were counted (grid, whole image or sliding window, test-time views)
 
     @property
     def confusion(self) -> ConfusionMatrix:
@@ -44,39 +50,30 @@ class Evaluation:
         return summary(self.confusion, self.trained.class_names, self.split, self.loss, assd)
 
 
-class _Indexed(Dataset):
-    """(index, image, target) for the first `count` samples, so scores are keyed by sample."""
-
-    def __init__(self, dataset: Any, count: int):
-        self.dataset, self.count = dataset, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int):
-        image, target = self.dataset[index]
-        return index, image, target
-
-
 @torch.inference_mode()
 def evaluate(trained: Trained, split: str = "val", batch_size: int = 8, workers: int = 0, limit: int | None = None,
-             with_assd: bool = True, threshold: float | None = None, progress: bool = True) -> Evaluation:
-    """Score every sample of the split (or the first `limit`) once; the loss is the job's own."""
+             with_assd: bool = True, threshold: float | None = None, progress: bool = True,
+             protocol: Protocol | None = None) -> Evaluation:
+    """Score every sample of the split (or the first `limit`) once; the loss is the job's own. The
+    protocol (default: the job's, as training scored) says which grid counts and how the model runs."""
     train_set, val_set = trained.require_data()
     dataset = val_set if split == "val" else train_set
     count = len(dataset) if limit is None else min(limit, len(dataset))
     if count == 0:
         raise UserError(f"data: the {split} split is empty")
     threshold = trained.threshold if threshold is None else threshold
+    protocol = protocol or protocol_of(trained.job)
     loss_fn = build_loss(trained.job.loss, trained.num_classes, train_set).to(trained.device)
-    scorer = Scorer(trained.model.eval(), loss_fn, threshold, trained.device)
+    scorer = Scorer(trained.model.eval(), loss_fn, threshold, trained.device, protocol=protocol,
+                    fill=padding_fill(trained.job.data, trained.in_channels))
     scores = ImageScores(trained.num_classes, with_assd=with_assd)
-    loader = DataLoader(_Indexed(dataset, count), batch_size=batch_size, num_workers=workers, shuffle=False,
+    loader = DataLoader(ScoringView(dataset, trained.job.data, count), batch_size=batch_size, num_workers=workers,
+                        shuffle=False, collate_fn=collate_scoring,
                         multiprocessing_context="forkserver" if workers else None)
     for indices, images, targets in tqdm(loader, desc=f"evaluate {split}", unit="batch", disable=not progress,
                                          file=sys.stderr, dynamic_ncols=True):
-        labels, predicted = scorer.score(images, targets)
-        scores.update(indices.tolist(), labels.cpu(), predicted.cpu())
+        for index, (labels, predicted) in zip(indices.tolist(), scorer.score(images, targets)):
+            scores.update([index], labels.cpu(), predicted.cpu())
     scores.gather()
     scores.check_complete(count)
-    return Evaluation(trained, split, dataset, scores, scorer.loss, threshold)
+    return Evaluation(trained, split, dataset, scores, scorer.loss, threshold, protocol)

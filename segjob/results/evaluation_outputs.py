@@ -19,8 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from segjob.engine.evaluation import labels_of, logits_of
-from segjob.learning.metrics import predict_labels
+from segjob.data.scoring import ScoringView
+from segjob.data.transforms import padding_fill
+from segjob.engine.evaluation import Scorer
+from segjob.engine.inference import upsample
 from segjob.results import figures
 from segjob.results.evaluation import Evaluation
 
@@ -64,6 +66,7 @@ def write_metrics(result: Evaluation, path: Path) -> dict[str, Any]:
         "images": int(result.scores.indices.size),
         "image_size": getattr(trained.job.data, "image_size", None),
         "threshold": result.threshold if trained.is_binary else None,
+        "protocol": result.protocol.record(),  # the grid counted on, whole image or sliding window, TTA
         "class_names": trained.class_names,
         "metrics": result.summary(),
         "confusion_matrix": result.confusion.mat.tolist(),
@@ -112,16 +115,18 @@ def best_median_worst(values: np.ndarray, lower_is_better: bool) -> list[tuple[s
 
 @torch.inference_mode()
 def predictions_for(result: Evaluation, rows: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """{row: (display image, target, prediction)}, the model run again on just these samples."""
+    """{row: (display image, target, prediction)} on the grid the scores were counted on, the model run
+    again (with the evaluation's protocol) on just these samples."""
     trained, indices = result.trained, result.scores.indices
+    view = ScoringView(result.dataset, trained.job.data)
+    scorer = Scorer(trained.model, None, result.threshold, trained.device, protocol=result.protocol,
+                    fill=padding_fill(trained.job.data, trained.in_channels))
     found = {}
-    for start in range(0, len(rows), 8):
-        chunk = rows[start:start + 8]
-        samples = [result.dataset[int(indices[row])] for row in chunk]
-        images = torch.stack([image for image, _ in samples])
-        predicted = predict_labels(logits_of(trained.model, images.to(trained.device)), result.threshold).cpu()
-        for row, (image, target), prediction in zip(chunk, samples, predicted):
-            found[row] = (figures.display_image(image), labels_of(target.unsqueeze(0))[0].numpy(), prediction.numpy())
+    for row in rows:
+        _, image, target = view[int(indices[row])]
+        ((labels, predicted),) = scorer.score([image], [target])
+        shown = upsample(image[:3].float(), tuple(labels.shape[-2:]))  # the photo on the label's grid
+        found[row] = (figures.display_image(shown), labels[0].cpu().numpy(), predicted[0].cpu().numpy())
     return found
 
 

@@ -66,7 +66,11 @@ def file_path_keys(job: JobConfig) -> tuple[str, ...]:
 
 def with_defaults(recorded: dict[str, Any]) -> dict[str, Any]:
     """A job recorded by an older segjob, with the keys added since at their defaults
-    (a new option is not a change); as recorded when it no longer validates."""
+    (a new option is not a change); as recorded when it no longer validates. The exception is how
+    validation counted pixels: a run recorded before `eval` existed counted on the input grid, and
+    mixing two counts in one run would rank its checkpoints wrongly."""
+    if isinstance(recorded, dict) and "eval" not in recorded:
+        recorded = {**recorded, "eval": {"grid": "input"}}
     try:
         return JobConfig.model_validate(recorded).model_dump(mode="json")
     except ValidationError:
