@@ -550,7 +550,9 @@ class OptimConfig(Section):
 
 class EmaConfig(Section):
     """An exponential moving average of the weights, BatchNorm's running statistics included, kept beside the
-    trained ones: evaluated each validation (val_ema/...), checkpointed (ema.safetensors) and resumed."""
+    trained ones: evaluated at each validation (val_ema/... beside val/...), checkpointed (ema.safetensors) and
+    resumed. While it is on, metric.name ranks its figure (val/miou: val_ema/miou), and pull, evaluate and
+    predict use it unless given --raw-weights."""
 
     decay: float = Field(
         0.0, ge=0.0, lt=1.0, description="0: off. The share of the average each update keeps, e.g. 0.999 (an average "
