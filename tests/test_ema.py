@@ -267,3 +267,58 @@ def test_a_sweep_ranks_the_average_and_refuses_a_space_that_turns_it_off(tmp_pat
     assert loaded.trial_job("t1", {"optim.lr": 0.01}).metric.name == "val/miou"
     with pytest.raises(UserError, match="turns train.ema off while the sweep ranks val_ema/miou"):
         load_sweep(path, ["tune.space.train.ema.decay={choice: [0.0, 0.99]}"])
+
+
+# --- under DDP: two ranks, gloo on 127.0.0.1, no Ray ----------------------------------------
+
+
+class RankSession(LocalSession):
+    """One rank of a torch.distributed group (what RaySession is on Ray Train), reports kept."""
+
+    def __init__(self, rank: int, world_size: int):
+        super().__init__("cpu")
+        self.rank, self.world_size = rank, world_size
+
+
+def train_rank(rank: int, port: int, uri: str, out: str) -> None:
+    """One rank: an epoch with EMA; then its trained and averaged state, as this rank holds them."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        job = tiny_job(uri, epochs=1, ema=EMA, checkpoint_every_steps=0)
+        job = job.model_copy(update={"scaling": job.scaling.model_copy(update={"num_workers": 2})})
+        worker = loop.setup(job, RankSession(rank, 2))
+        try:
+            metrics = loop.train_one_epoch(worker, 0)
+        finally:
+            worker.committer.close()
+            worker.watcher.stop()
+        assert "val_ema/miou" in metrics
+        torch.save({"trained": worker.model.state_dict(), "ema": worker.ema.model.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_holds_and_scores_the_same_average(tmp_path):
+    """DDP keeps the parameters equal, so their averages are equal with no collective; BatchNorm statistics are
+    each rank's own, and the broadcast before evaluation makes the averaged ones rank 0's on every rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port on the loopback for the group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(train_rank, args=(port, str(tmp_path / "runs"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert_same_state(ranks[0]["ema"], ranks[1]["ema"])
+    statistics = [name for name in ranks[0]["trained"] if "running_" in name]
+    assert any(not torch.equal(ranks[0]["trained"][name], ranks[1]["trained"][name]) for name in statistics), \
+        "each rank's own BatchNorm statistics differ: the broadcast is what makes the averaged ones equal"
+    parameters = [name for name in ranks[0]["trained"] if "running_" not in name and "num_batches" not in name]
+    assert_same_state(*({name: rank["trained"][name] for name in parameters} for rank in ranks))
+    storage = open_storage(str(tmp_path / "runs"))
+    saved = checkpoint.load(storage, checkpoint.latest(storage, storage.path("tiny")))
+    assert_same_state(ranks[0]["ema"], saved.ema_state)
