@@ -322,3 +322,19 @@ def test_every_rank_holds_and_scores_the_same_average(tmp_path):
     storage = open_storage(str(tmp_path / "runs"))
     saved = checkpoint.load(storage, checkpoint.latest(storage, storage.path("tiny")))
     assert_same_state(ranks[0]["ema"], saved.ema_state)
+
+
+def test_report_draws_the_average_beside_the_trained_weights(reference, tmp_path, monkeypatch):
+    from segjob import report
+    from segjob.results import figures
+
+    drawn = {}
+    real_line_plot = figures.line_plot
+
+    def line_plot(curves, title, ylabel, **options):
+        drawn[ylabel] = [curve.label for curve in curves]
+        return real_line_plot(curves, title, ylabel, **options)
+
+    monkeypatch.setattr(figures, "line_plot", line_plot)
+    report.learning_curves(latest(reference[0]).history, tmp_path, "tiny")
+    assert {"val/loss", "val_ema/loss"} <= set(drawn["loss"]) and {"val/miou", "val_ema/miou"} <= set(drawn["IoU"])
