@@ -7,7 +7,8 @@ Single process, no Ray, on the CPU (or the GPU with --device cuda). For each mod
   training step (forward, the job's loss, backward, Adam) on the same model and batch: the share of a
   step the update adds (goal: <= 2 %).
 - engine: train/images_per_s of loop.run on the same job with train.ema (decay 0.999) and without;
-  rounds alternate the two, so drift on a shared machine hits both alike; the ratio of medians.
+  each round runs both, in turns of order (ABBA), so drift on a shared machine and whatever the
+  first run of a pair gains or loses hit both alike; the ratio of medians.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def main() -> None:
               f"update / step = {100 * update_ms / step_ms:.2f} %  (goal <= 2 %)")
         with_ema, without = [], []
         for round_number in range(args.rounds):
-            without.append(engine_images_per_s(job_for(model, args.steps, args.threads, False), args.device))
-            with_ema.append(engine_images_per_s(job_for(model, args.steps, args.threads, True), args.device))
+            for ema in (False, True) if round_number % 2 == 0 else (True, False):  # ABBA: order effects cancel
+                images_per_s = engine_images_per_s(job_for(model, args.steps, args.threads, ema), args.device)
+                (with_ema if ema else without).append(images_per_s)
             print(f"  round {round_number + 1}: engine without EMA {without[-1]:.1f} img/s, "
                   f"with EMA {with_ema[-1]:.1f} img/s")
         ratio = statistics.median(without) / statistics.median(with_ema)
