@@ -6,15 +6,17 @@
     python -m segjob.evaluate ./best
 
 URI is a run (`<storage.uri>/<name>`), a sweep (its `trials/` hold one run per trial) or a
-folder of runs, on s3://, gs:// or a local path. Only the checkpoints' meta.json files are
-read to rank them (no Ray, no cluster, no Tune files); checkpoints without meta.json are
-unfinished uploads and never count. The chosen checkpoint's meta.json is downloaded into a
-temporary folder beside DIR, then exactly the files it lists (nothing else stored beside them),
-each refused as soon as it grows past its listed size and checked against its sha256; only
-then is the folder renamed to DIR, so DIR is either the complete verified checkpoint or
-untouched. DIR is replaced only when empty or holding exactly what an earlier pull wrote
-(its pulled.json records every file's sha256). With --top K, DIR holds one folder per
-checkpoint, best first. What pull trusts and checks: docs/pull.md.
+folder of runs, on s3://, gs:// or a local path. Only the checkpoints' meta.json files are read
+to rank them (no Ray, no cluster, no Tune files); checkpoints without meta.json are unfinished
+uploads and never count. A run trained with train.ema is ranked by its EMA weights' scores
+(val_ema/...), the weights evaluate and predict use; --raw-weights ranks by the trained ones'.
+The chosen checkpoint's meta.json is downloaded into a temporary folder beside DIR, then
+exactly the files it lists (nothing else stored beside them), each refused as soon as it grows
+past its listed size and checked against its sha256; only then is the folder renamed to DIR, so
+DIR is either the complete verified checkpoint or untouched. DIR is replaced only when empty or
+holding exactly what an earlier pull wrote (its pulled.json records every file's sha256). With
+--top K, DIR holds one folder per checkpoint, best first. What pull trusts and checks:
+docs/pull.md.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=["max", "min"], help="default: the job's metric.mode")
     parser.add_argument("--top", type=int, default=1, metavar="K", help="download the K best checkpoints (default 1)")
     parser.add_argument("--list", action="store_true", help="print every ranked checkpoint; download nothing")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="runs with train.ema: rank by the trained weights' scores (val/...), not the EMA's "
+                             "(val_ema/...); evaluate and predict then need --raw-weights too")
     parser.add_argument("--endpoint-url",
                         help="S3/GCS endpoint (MinIO, emulators); else AWS_ENDPOINT_URL / STORAGE_EMULATOR_HOST")
     args = parser.parse_args(argv)
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
     storage = open_location(args.uri, args.endpoint_url)
-    ranking = rank(storage, storage.root, args.metric, args.mode)
+    ranking = rank(storage, storage.root, args.metric, args.mode, raw_weights=args.raw_weights)
     where = storage.display(storage.root)
     log.info("%d checkpoints with %s in %d run(s) under %s, ranked (%s)",
              len(ranking.candidates), ranking.metric, ranking.runs, where, ranking.mode)
@@ -241,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("pulled %s/%s (%s %.4f, epoch %d) -> %s; every file verified against meta.json (size and sha256)",
              best.run, best.info.name, ranking.metric, best.value, best.info.epoch,
              dest if len(chosen) == 1 else f"{dest} ({len(chosen)} checkpoints, best first)")
+    if args.raw_weights and checkpoint.EMA_FILE in best.info.meta["files"]:
+        log.info("it holds EMA weights too, which evaluate and predict use by default: pass them --raw-weights")
     return 0
 
 

@@ -71,11 +71,12 @@ def learning_curves(history: list[dict[str, Any]], out: Path, title: str) -> dic
     loss = []
     if steps:  # every logged step, faint, behind the epoch means
         loss.append(figures.Curve("train/step_loss", *series(steps, "train/step_loss"), marker=None, alpha=0.35))
-    loss += curve(epochs, "train/loss") + curve(epochs, "val/loss")
+    loss += curve(epochs, "train/loss") + curve(epochs, "val/loss") + curve(epochs, "val_ema/loss")  # EMA: train.ema
     written["loss"] = figures.save(figures.line_plot(loss, f"{title}: loss", "loss"), out / "loss.png")
 
     class_keys = list(dict.fromkeys(key for record in epochs for key in record if key.startswith("val/iou/")))
     iou = curve(epochs, "val/miou", "val/miou", style="-", marker="o")
+    iou += curve(epochs, "val_ema/miou", "val_ema/miou", style="-", marker="s")  # the EMA weights', with train.ema
     for key in class_keys:
         iou += curve(epochs, key, key[len("val/iou/"):], style="--", marker=None, alpha=0.8)
     written["miou"] = figures.save(figures.line_plot(iou, f"{title}: validation IoU", "IoU"), out / "miou.png")

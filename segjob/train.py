@@ -65,11 +65,12 @@ def announce(storage: Storage, run_path: str, job: JobConfig) -> None:
 
 def summarize(storage: Storage, run_path: str, job: JobConfig) -> None:
     committed = checkpoint.list_committed(storage, run_path)
-    best = checkpoint.select_best(committed, job.metric.name, job.metric.mode)
+    metric = job.ranked_metric  # with train.ema on, the EMA weights' figure
+    best = checkpoint.select_best(committed, metric, job.metric.mode)
     if best:
-        value = checkpoint.metric_value(best[0], job.metric.name)
+        value = checkpoint.metric_value(best[0], metric)
         log.info("best checkpoint by %s (%s): %s = %.4f at epoch %d -> %s",
-                 job.metric.name, job.metric.mode, best[0].name, value, best[0].epoch, best[0].path)
+                 metric, job.metric.mode, best[0].name, value, best[0].epoch, best[0].path)
 
 
 @exits_cleanly_on_user_error

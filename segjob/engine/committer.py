@@ -60,9 +60,10 @@ class Committer:
         self.verified: set[str] = set()  # rank 0: checkpoints retention has verified, so each is read back once
 
     def save(self, metrics: dict[str, Any], step: int, epoch: int, reason: str,
-             snapshot: Callable[[], tuple[dict, dict, list]]) -> None:
+             snapshot: Callable[[], tuple[dict, dict, list, dict | None]]) -> None:
         """Every rank calls this at the same step. Rank 0 takes `snapshot()` (model state, train
-        state, history: copies, so training may go on) and writes, hashes and uploads it in the background."""
+        state, history, EMA state or None: copies, so training may go on) and writes, hashes and uploads it
+        in the background."""
         self.flush()
         upload = None
         if self.is_chief:
@@ -91,8 +92,8 @@ class Committer:
         if self.retention:
             self.retention.shutdown(wait=True)
 
-    def _write_and_commit(self, state: tuple[dict, dict, list], metrics: dict[str, Any], step: int, epoch: int,
-                          reason: str) -> str | None:
+    def _write_and_commit(self, state: tuple[dict, dict, list, dict | None], metrics: dict[str, Any], step: int,
+                          epoch: int, reason: str) -> str | None:
         folder = Path(tempfile.mkdtemp(prefix="segjob-checkpoint-"))
         try:
             if self.fence:
@@ -120,7 +121,8 @@ class Committer:
         # alongside later uploads: a commit it does not list yet only makes it keep more than it must
         try:
             removed = checkpoint.apply_retention(self.storage, self.run_path, self.job.storage.keep_best,
-                                                 self.job.metric.name, self.job.metric.mode, self.verified, self.fence)
+                                                 self.job.ranked_metric, self.job.metric.mode, self.verified,
+                                                 self.fence)
             if removed:
                 log.debug("retention removed %s", ", ".join(removed))
         except Exception as error:

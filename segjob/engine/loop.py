@@ -43,7 +43,8 @@ from segjob.engine.session import Session
 from segjob.engine.step_flags import StepFlags
 from segjob.engine.tracking import ProgressLine, Trackers
 from segjob.errors import UserError
-from segjob.job.schema import JobConfig
+from segjob.job.schema import EMA_PREFIX, JobConfig
+from segjob.learning.ema import WeightAverage
 from segjob.learning.losses import binary_threshold, build_loss, output_channels
 from segjob.learning.metrics import ConfusionMatrix
 from segjob.learning.optim import Schedule, build_optimizer, current_lr
@@ -90,6 +91,7 @@ class Worker:
     watcher: watcher.PreemptionWatcher | None = None
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
     trackers: Trackers | None = None  # rank 0's TensorBoard files and MLflow run
+    ema: WeightAverage | None = None  # the moving average of the weights, when train.ema asks for it
 
     @property
     def device(self) -> torch.device:
@@ -152,6 +154,7 @@ def setup(job: JobConfig, session: Session, fence: Fence | None = None) -> Worke
         committer=Committer(job, session, storage, run_path, fence),
         plan=PreemptionPlan(job.preemption.deadline_margin_s), flags=StepFlags(session.world_size),
         mixer=build_mixer(job.data, num_classes),
+        ema=WeightAverage(model, job.train.ema) if job.train.ema.enabled else None,
     )
     resume(worker)
     if fence and worker.is_chief:
@@ -273,6 +276,22 @@ def load_into(worker: Worker, info: checkpoint.CheckpointInfo) -> None:
     restore_rng(state["rng"])
     worker.progress = Progress(**state["progress"])
     worker.history = loaded.history
+    if worker.ema:
+        load_average(worker, loaded, info)
+
+
+def load_average(worker: Worker, loaded: checkpoint.LoadedCheckpoint, info: checkpoint.CheckpointInfo) -> None:
+    """The EMA as checkpointed; a checkpoint from before train.ema was on starts it at the loaded weights."""
+    if loaded.ema_state is None:
+        worker.ema.restart_from(worker.model)
+        if worker.is_chief:
+            log.info("%s holds no EMA of the weights: the average starts at its weights", info.name)
+        return
+    try:
+        worker.ema.load(loaded.ema_state, int(loaded.train_state.get("ema", {}).get("updates", 0)))
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UserError(f"{info.path}: EMA weights don't fit this job's model ({first_line})") from None
 
 
 # --- the loop ---------------------------------------------------------------------------
@@ -317,6 +336,8 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         worker.optimizer.zero_grad(set_to_none=True)
         worker.schedule.after_step()
         progress.step += 1
+        if worker.ema:
+            worker.ema.after_step(worker.model, progress.step)
         progress.position += sampler.global_batch
         images_seen += sampler.global_batch
         progress_line.after_step(progress.position // sampler.global_batch, lambda loss=loss: float(loss.detach()))
@@ -350,6 +371,9 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
         metrics["train/loss"] = mean_across_ranks(loss_sum, samples_here)
     if (epoch + 1) % job.train.eval_every_epochs == 0 or epoch + 1 == job.train.epochs:
         metrics.update(evaluate(worker))
+        if worker.ema:
+            worker.ema.broadcast_buffers()  # every rank scores (and rank 0 checkpoints) rank 0's average
+            metrics.update(evaluate(worker, worker.ema.model, EMA_PREFIX))
         worker.schedule.after_eval(metrics)
     worker.schedule.after_epoch()
     metrics["train/images_per_s"] = images_seen / max(train_seconds, 1e-9)
@@ -394,27 +418,30 @@ def make_loader(worker: Worker, dataset, batch_sampler, collate_fn=None) -> Data
     )
 
 
-def evaluate(worker: Worker) -> dict[str, float]:
-    """Every validation sample exactly once across ranks; one all-reduce at the end."""
+def evaluate(worker: Worker, model: torch.nn.Module | None = None, prefix: str = "val") -> dict[str, float]:
+    """Every validation sample exactly once across ranks; one all-reduce at the end. `model`: the trained
+    one by default (the EMA's reports as val_ema/...)."""
     session = worker.session
+    # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
+    model = worker.model if model is None else model
     sampler = EvalBatchSampler(len(worker.val_set), worker.job.train.batch_size, session.rank, session.world_size)
     matrix = ConfusionMatrix(len(worker.val_set.class_names), device=worker.device)
-    # the unwrapped model: DDP's forward may run collectives, and ranks see different batch counts here
     # scored on each label's own grid (job.eval.grid), by whole image or sliding window (data.crop)
-    scorer = Scorer(worker.model, worker.loss_fn, binary_threshold(worker.job.loss), worker.device,
+    scorer = Scorer(model, worker.loss_fn, binary_threshold(worker.job.loss), worker.device,
                     precision=lambda: autocast(worker), protocol=protocol_of(worker.job),
                     fill=padding_fill(worker.job.data, worker.val_set.in_channels))
-    worker.model.eval()
+    was_training = model.training
+    model.eval()
     view = ScoringView(worker.val_set, worker.job.data)
     for _, images, targets in make_loader(worker, view, sampler, collate_scoring):
         for labels, predicted in scorer.score(images, targets):
             matrix.update(labels, predicted)
-    worker.model.train()
+    model.train(was_training)
     matrix.all_reduce()
     scorer.all_reduce()
     if scorer.samples != len(worker.val_set):
         raise RuntimeError(f"evaluated {scorer.samples} samples, the validation set has {len(worker.val_set)}")
-    return summary(matrix, worker.val_set.class_names, "val", scorer.loss)
+    return summary(matrix, worker.val_set.class_names, prefix, scorer.loss)
 
 
 def mean_across_ranks(loss_sum: torch.Tensor, count: int) -> float:
@@ -434,7 +461,7 @@ def status_line(job: JobConfig, metrics: dict[str, Any], seconds: float) -> str:
     parts = [f"epoch {metrics['epoch']}/{job.train.epochs}", f"step {metrics['step']}"]
     if metrics.get("workers", job.scaling.num_workers) != job.scaling.num_workers:
         parts.append(f"on {metrics['workers']}/{job.scaling.num_workers} workers")
-    for key in ("train/loss", "val/loss", "val/miou", "val/pixel_acc"):
+    for key in ("train/loss", "val/loss", "val/miou", f"{EMA_PREFIX}/miou", "val/pixel_acc"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4f}")
     parts.append(f"{metrics['train/images_per_s']:.1f} img/s")
@@ -514,7 +541,7 @@ def save_and_report(worker: Worker, metrics: dict[str, Any], reason: str, wait: 
         worker.trackers.update(worker.history)
 
 
-def snapshot(worker: Worker) -> tuple[dict, dict, list]:
+def snapshot(worker: Worker) -> tuple[dict, dict, list, dict | None]:
     """Copies of everything a checkpoint holds, taken between steps; training may change the originals next."""
     train_state = {
         "optimizer": worker.optimizer.state_dict(),
@@ -523,7 +550,11 @@ def snapshot(worker: Worker) -> tuple[dict, dict, list]:
         "rng": rng_state(),
         "progress": dataclasses.asdict(worker.progress),
     }
-    return cpu_copy(worker.model.state_dict()), cpu_copy(train_state), list(worker.history)
+    ema_state = None
+    if worker.ema:
+        train_state["ema"] = {"updates": worker.ema.updates}
+        ema_state = cpu_copy(worker.ema.model.state_dict())
+    return cpu_copy(worker.model.state_dict()), cpu_copy(train_state), list(worker.history), ema_state
 
 
 def cpu_copy(tree: Any) -> Any:

@@ -675,6 +675,28 @@ class OptimConfig(Section):
         return self
 
 
+class EmaConfig(Section):
+    """An exponential moving average of the weights, BatchNorm's running statistics included, kept beside the
+    trained ones: evaluated at each validation (val_ema/... beside val/...), checkpointed (ema.safetensors) and
+    resumed. While it is on, metric.name ranks its figure (val/miou: val_ema/miou), and pull, evaluate and
+    predict use it unless given --raw-weights."""
+
+    decay: float = Field(
+        0.0, ge=0.0, lt=1.0, description="0: off. The share of the average each update keeps, e.g. 0.999 (an average "
+        "over roughly the last 1 / (1 - decay) updates)",
+    )
+    warmup_steps: int = Field(
+        10, ge=0, description="the decay ramps up as min(decay, (1 + n) / (warmup_steps + n)) after n updates "
+        "(10: TensorFlow's ExponentialMovingAverage with num_updates), so the average forgets the first, untrained "
+        "weights quickly; 0 or 1: the full decay from the second update (the first copies the weights)",
+    )
+    update_every_steps: int = Field(1, ge=1, description="optimizer steps between two updates of the average")
+
+    @property
+    def enabled(self) -> bool:
+        return self.decay > 0.0
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1, description="images per worker per step")
@@ -688,6 +710,7 @@ class TrainConfig(Section):
         "auto", description="SyncBatchNorm across DDP ranks; auto: on for GPU workers when there are several (torch's "
         "SyncBatchNorm refuses CPU tensors, so CPU runs keep plain BatchNorm)",
     )
+    ema: EmaConfig = Field(default_factory=EmaConfig)
 
 
 class ScalingSection(Section):
@@ -808,13 +831,36 @@ def check_metric_name(name: str) -> str:
     return name
 
 
+EMA_PREFIX = "val_ema"  # what the EMA weights' validation reports: val_ema/miou beside the trained weights' val/miou
+
+
+def ranked_metric_name(name: str, ema: bool) -> str:
+    """The reported key a metric name ranks by: with train.ema on, a validation metric (val/<x>) ranks the EMA
+    weights' figure (val_ema/<x>), the weights pull, evaluate and predict use by default."""
+    return f"{EMA_PREFIX}/{name.removeprefix('val/')}" if ema and name.startswith("val/") else name
+
+
+def raw_metric(name: str) -> str:
+    """The trained (raw) weights' key for a ranked one: val_ema/<x> -> val/<x>."""
+    return f"val/{name.removeprefix(EMA_PREFIX + '/')}" if name.startswith(EMA_PREFIX + "/") else name
+
+
+def ema_recorded(job: Any) -> bool:
+    """Whether a job as a checkpoint records it (untrusted JSON, any part may be missing) trained with train.ema."""
+    train = job.get("train") if isinstance(job, dict) else None
+    ema = train.get("ema") if isinstance(train, dict) else None
+    decay = ema.get("decay") if isinstance(ema, dict) else None
+    return isinstance(decay, (int, float)) and not isinstance(decay, bool) and 0.0 < decay < 1.0
+
+
 def metric_direction(name: str) -> Literal["min", "max"]:
     """Losses improve downwards, every other reported metric upwards."""
     return "min" if name.endswith("/loss") else "max"
 
 
 class MetricConfig(Section):
-    name: str = Field("val/miou", description="ranks checkpoints for retention, sweeps and pull")
+    name: str = Field("val/miou", description="ranks checkpoints for retention, sweeps and pull; with train.ema on, "
+                      "a val/ metric ranks the EMA weights' figure (val/miou: val_ema/miou)")
     mode: Literal["max", "min"] | None = Field(None, description="none: min for a loss, max for the others")
 
     @field_validator("name")
@@ -854,3 +900,9 @@ class JobConfig(Section):
     metric: MetricConfig = Field(default_factory=MetricConfig)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def ranked_metric(self) -> str:
+        """The reported key that ranks checkpoints (retention, sweeps, pull): metric.name, or with train.ema on
+        the EMA weights' figure of it (val/miou -> val_ema/miou)."""
+        return ranked_metric_name(self.metric.name, self.train.ema.enabled)

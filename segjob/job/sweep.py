@@ -245,7 +245,9 @@ class Sweep:
 
     @property
     def metric(self) -> str:
-        return self.job.metric.name
+        """The reported key trials are ranked by (ASHA, Optuna, the sweep's report): with train.ema on, the
+        EMA weights' figure (val_ema/...)."""
+        return self.job.ranked_metric
 
     @property
     def mode(self) -> str:
@@ -266,8 +268,13 @@ class Sweep:
             set_job_key(raw, key, value, f"{key}={shown(value)}")
         raw["name"] = trial_id
         raw.setdefault("storage", {})["uri"] = self.trials_uri()
-        raw["metric"] = {"name": self.metric, "mode": self.mode}
-        return validate_job(raw, source=source or f"{self.source}: trial {trial_id} ({format_params(params)})")
+        raw["metric"] = {"name": self.job.metric.name, "mode": self.mode}
+        where = source or f"{self.source}: trial {trial_id} ({format_params(params)})"
+        job = validate_job(raw, source=where)
+        if job.train.ema.enabled != self.job.train.ema.enabled:  # its trials would not report the ranked metric
+            raise UserError(f"{where}: turns train.ema {'on' if job.train.ema.enabled else 'off'} while the sweep "
+                            f"ranks {self.metric}; search train.ema.decay within (0, 1), or set it for every trial")
+        return job
 
     def record(self) -> dict[str, Any]:
         return {"job": self.job.model_dump(mode="json"), "tune": self.tune.dump()}

@@ -37,6 +37,9 @@ def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", default=None,
                         help="S3/GCS endpoint of CKPT (MinIO, emulators); never taken from the checkpoint")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="a run trained with train.ema: use (and, for a run folder, pick the best by) the "
+                             "trained weights, not their moving average")
 
 
 def trained_from_arguments(args: argparse.Namespace, need_data: bool = False, with_data: bool = True) -> Trained:
@@ -45,7 +48,7 @@ def trained_from_arguments(args: argparse.Namespace, need_data: bool = False, wi
     device = device_from_argument(args.device)
     trained = load_trained(args.checkpoint, endpoint_url=args.endpoint_url, data_root=args.data,
                            data_overrides=data_overrides(args.overrides), pick=args.pick, need_data=need_data,
-                           with_data=with_data, device=device)
+                           with_data=with_data, device=device, raw_weights=args.raw_weights)
     if args.threshold is not None and not trained.is_binary:
         raise UserError("--threshold: only for one-channel (bce, bce+dice) models; this one takes the argmax")
     return trained

@@ -62,6 +62,7 @@ def write_metrics(result: Evaluation, path: Path) -> dict[str, Any]:
         "run": trained.meta.get("run"),
         "epoch": trained.meta.get("epoch"),
         "step": trained.meta.get("step"),
+        "weights": trained.weights,  # "ema": the moving average train.ema kept; "trained": the weights themselves
         "split": result.split,
         "images": int(result.scores.indices.size),
         "image_size": getattr(trained.job.data, "image_size", None),

@@ -5,6 +5,9 @@
     trained.job, trained.class_names, trained.palette, trained.threshold
     history, where = run_history("gs://bucket/runs/pets_unet")
 
+A checkpoint of a run trained with train.ema holds the moving average of its weights too
+(ema.safetensors); that is the model rebuilt (`trained.weights == "ema"`) unless raw_weights=True.
+
 A location is a checkpoint folder (it holds meta.json: a run's `checkpoints/step-…`, or what
 `segjob.pull` wrote) or a run folder, whose best committed checkpoint by the run's own
 metric is taken (`pick="latest"`: the newest). Local paths, file://, s3:// and gs:// all work.
@@ -45,7 +48,7 @@ from segjob.data.labels import default_palette
 from segjob.data.remote import is_remote
 from segjob.errors import UserError
 from segjob.job.load import validate_job
-from segjob.job.schema import CLASS_NAME_PATTERN, JobConfig, metric_direction
+from segjob.job.schema import CLASS_NAME_PATTERN, JobConfig, ema_recorded, metric_direction, ranked_metric_name
 from segjob.learning.losses import binary_threshold, output_channels
 from segjob.models import create_model
 from segjob.results.classes import classes_of
@@ -69,6 +72,7 @@ class Trained:
     history: list[dict[str, Any]] = field(repr=False)
     device: torch.device = torch.device("cpu")
     datasets: tuple[Any, Any] | None = field(default=None, repr=False)  # (train, val) when the data is here
+    weights: str = "trained"  # which weights `model` holds: "ema" (the moving average train.ema kept) or "trained"
 
     @property
     def num_classes(self) -> int:
@@ -116,8 +120,9 @@ def untrusted_json(where: str):
         raise UserError(f"{where}: its JSON nests too deep to read; the checkpoint is damaged or hostile") from None
 
 
-def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
-    """The checkpoint folder at `path`: itself, or a run's best (by its job metric) or newest committed one."""
+def choose_checkpoint(storage: Storage, path: str, pick: str = "best", raw_weights: bool = False) -> str:
+    """The checkpoint folder at `path`: itself, or a run's best (by its job metric: with train.ema on, the EMA
+    weights' figure unless raw_weights) or newest committed one."""
     if pick not in PICKS:
         raise ValueError(f"pick must be one of {PICKS}")
     if storage.exists(f"{path}/{checkpoint.META_FILE}"):
@@ -134,6 +139,7 @@ def choose_checkpoint(storage: Storage, path: str, pick: str = "best") -> str:
     metric = metric if isinstance(metric, dict) else {}  # meta.json is untrusted: any part may be missing
     name = metric.get("name") if isinstance(metric.get("name"), str) else "val/miou"
     mode = metric.get("mode") if metric.get("mode") in ("min", "max") else metric_direction(name)
+    name = ranked_metric_name(name, ema_recorded(job) and not raw_weights)
     best = checkpoint.select_best(committed, name, mode)
     return (best[0] if best else newest).path
 
@@ -245,14 +251,16 @@ def in_channels_from_weights(job: JobConfig, state: dict[str, torch.Tensor], num
 
 def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | None = None,
                  data_overrides: dict[str, Any] | None = None, pick: str = "best", need_data: bool = False,
-                 with_data: bool = True, device: str | torch.device | None = None) -> Trained:
-    """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode.
+                 with_data: bool = True, device: str | torch.device | None = None,
+                 raw_weights: bool = False) -> Trained:
+    """Rebuild the model of a checkpoint (or of a run's best checkpoint) in eval mode: with the moving
+    average of its weights when the run kept one (train.ema), unless raw_weights.
 
     The dataset is built when `data_root`/`data_overrides` say where it is, or (with_data) when
     it reads no files; need_data: refuse when it is not built, naming the flag that gives it."""
     storage, path = locate(uri, endpoint_url)
     with untrusted_json(storage.display(path)):
-        folder = choose_checkpoint(storage, path, pick)
+        folder = choose_checkpoint(storage, path, pick, raw_weights)
     where = storage.display(folder)
     with untrusted_json(where):
         loaded = checkpoint.load(storage, folder)
@@ -278,12 +286,15 @@ def load_trained(uri: str, *, endpoint_url: str | None = None, data_root: str | 
     else:
         class_names, palette = classes_without_data(job, loaded, where)
         in_channels = in_channels_from_weights(job, loaded.model_state, len(class_names))
-    model = rebuild_model(job, loaded.model_state, in_channels, len(class_names), where)
+    weights = "ema" if loaded.ema_state is not None and not raw_weights else "trained"
+    state = loaded.ema_state if weights == "ema" else loaded.model_state
+    model = rebuild_model(job, state, in_channels, len(class_names), where)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     palette = [tuple(int(v) for v in colour) for colour in (palette or default_palette(len(class_names)))]
-    log.info("loaded %s (epoch %s, step %s)", where, loaded.meta.get("epoch"), loaded.meta.get("step"))
+    log.info("loaded %s (epoch %s, step %s%s)", where, loaded.meta.get("epoch"), loaded.meta.get("step"),
+             ", EMA weights; --raw-weights for the trained ones" if weights == "ema" else "")
     return Trained(job, model.to(device), class_names, in_channels, palette, where, loaded.meta, loaded.history,
-                   device, datasets)
+                   device, datasets, weights)
 
 
 def classes_without_data(job: JobConfig, loaded: checkpoint.LoadedCheckpoint,

@@ -7,6 +7,7 @@ attempt folder beside it:
                            epoch, metrics, sha256 and size of every payload file
     attempt-<32 hex>/      one writer's upload, under names no other writer uses:
       model.safetensors    weights of the unwrapped model (no pickle)
+      ema.safetensors      only with train.ema: the moving average of those weights (same keys)
       state.pt             optimizer, schedule, scaler, RNG, progress (loaded with weights_only=True)
       history.jsonl        every metric reported so far, cut at this step
       meta.json            the step's meta.json without "attempt": the attempt folder is a complete
@@ -63,7 +64,9 @@ HISTORY_FILE = "history.jsonl"
 META_FILE = "meta.json"
 CHECKPOINTS_DIR = "checkpoints"
 FORMAT_VERSION = 1
-PAYLOAD_FILES = (MODEL_FILE, STATE_FILE, HISTORY_FILE)
+EMA_FILE = "ema.safetensors"
+PAYLOAD_FILES = (MODEL_FILE, STATE_FILE, HISTORY_FILE)  # in every checkpoint
+OPTIONAL_FILES = (EMA_FILE,)  # in a checkpoint whose job asks for them; listed in meta.json (and verified) when there
 ATTEMPT_PREFIX = "attempt-"
 UPLOADING_FILE = "uploading"  # in an attempt while its files go up, rewritten before each one: its age is the upload's
 QUARANTINE_DIR = "quarantine"  # beside checkpoints/, so nothing that lists checkpoints ever sees it
@@ -105,6 +108,7 @@ class LoadedCheckpoint:
     train_state: dict[str, Any]
     history: list[dict[str, Any]]
     meta: dict[str, Any]
+    ema_state: dict[str, torch.Tensor] | None = None  # the averaged weights, when the run kept an EMA
 
 
 def checkpoint_name(step: int) -> str:
@@ -119,19 +123,26 @@ def checkpoints_path(run_path: str) -> str:
 
 
 def write_local(
-    folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], history: list[dict]
+    folder: Path, model_state: dict[str, torch.Tensor], train_state: dict[str, Any], history: list[dict],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write the payload files (not meta.json) into a local folder."""
+    """Write the payload files (not meta.json) into a local folder; ema.safetensors only with `ema_state`."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    storages = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
-    if len(storages) != len(set(storages)):  # safetensors refuses tensors that share memory
-        tensors = {k: v.clone() for k, v in tensors.items()}
-    save_file(tensors, folder / MODEL_FILE)
+    _save_tensors(model_state, folder / MODEL_FILE)
+    if ema_state is not None:
+        _save_tensors(ema_state, folder / EMA_FILE)
     torch.save(train_state, folder / STATE_FILE)
     with open(folder / HISTORY_FILE, "w") as f:
         for record in history:
             f.write(json.dumps(record, allow_nan=True) + "\n")
+
+
+def _save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    storages = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
+    if len(storages) != len(set(storages)):  # safetensors refuses tensors that share memory
+        tensors = {k: v.clone() for k, v in tensors.items()}
+    save_file(tensors, path)
 
 
 def build_meta(
@@ -148,7 +159,7 @@ def build_meta(
         "reason": reason,
         "time": time.time(),
         "files": {name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size}
-                  for name in PAYLOAD_FILES},
+                  for name in (*PAYLOAD_FILES, *OPTIONAL_FILES) if (folder / name).is_file()},
         "job": job,
     }
 
@@ -190,7 +201,7 @@ def commit(storage: Storage, run_path: str, folder: Path, meta: dict[str, Any]) 
 def _upload_attempt(storage: Storage, attempt_path: str, folder: Path, files: dict[str, Any], own_meta: bytes) -> None:
     """Payload, then the attempt's own meta.json; then check that every file is still there."""
     mark = f"{attempt_path}/{UPLOADING_FILE}"
-    for name in PAYLOAD_FILES:
+    for name in files:
         storage.write_bytes(mark, b"")  # cleanup judges an attempt's age by its newest object
         storage.put_file(folder / name, f"{attempt_path}/{name}")
     storage.write_bytes(f"{attempt_path}/{META_FILE}", own_meta)
@@ -572,7 +583,7 @@ def fetch(storage: Storage, path: str, destination: Path) -> Path:
     destination = Path(destination)
     destination.mkdir(parents=True)
     try:
-        for name, entry in meta["files"].items():  # plain names: _parse_meta allows exactly PAYLOAD_FILES
+        for name, entry in meta["files"].items():  # plain names: _parse_meta allows only PAYLOAD/OPTIONAL_FILES
             _download_listed(storage, f"{path}/{name}", destination / name, entry, f"{where}/{name}")
         (destination / META_FILE).write_bytes(raw_meta)  # last, as in storage: the copy counts once it is whole
     except BaseException:
@@ -612,7 +623,13 @@ def load_folder(folder: Path, expected_run: str | None = None) -> LoadedCheckpoi
         raise UserError(f"{folder / STATE_FILE}: refused by the safe loader ({type(error).__name__}); "
                         f"not a segjob state file") from None
     history = parse_history(payload[HISTORY_FILE], str(folder / HISTORY_FILE))
-    return LoadedCheckpoint(model_state, train_state, history, meta)
+    ema_state = None
+    if EMA_FILE in payload:
+        try:
+            ema_state = load_tensors(payload[EMA_FILE])
+        except Exception as error:  # safetensors raises its own error types
+            raise UserError(f"{folder / EMA_FILE}: unreadable weights ({error})") from None
+    return LoadedCheckpoint(model_state, train_state, history, meta, ema_state)
 
 
 def load(storage: Storage, checkpoint: CheckpointInfo | str, expected_run: str | None = None) -> LoadedCheckpoint:
@@ -636,8 +653,9 @@ def _parse_meta(raw: bytes, where: str) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else "?"
         raise UserError(f"{where}: not a segjob checkpoint (format {found})")
     files = meta.get("files")
-    if not isinstance(files, dict) or set(files) != set(PAYLOAD_FILES):
-        raise UserError(f"{where}: 'files' must list exactly {', '.join(PAYLOAD_FILES)}")
+    if not isinstance(files, dict) or not set(PAYLOAD_FILES) <= set(files) <= {*PAYLOAD_FILES, *OPTIONAL_FILES}:
+        raise UserError(f"{where}: 'files' must list exactly {', '.join(PAYLOAD_FILES)} "
+                        f"(and {', '.join(OPTIONAL_FILES)} when the run kept an EMA)")
     for name, entry in files.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise UserError(f"{where}: files.{name} has no sha256")

@@ -25,11 +25,13 @@ import fcntl
 import hashlib
 import json
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from segjob.store.storage import Storage, _local_write, retry
+from segjob.store.storage import Storage, retry
 
 
 class VersionConflict(Exception):
@@ -81,15 +83,7 @@ def _read(storage: Storage, path: str) -> Versioned:
 
 def _replace(storage: Storage, path: str, data: bytes, version: str) -> str:
     if storage.is_local:
-        with _locked(path):
-            try:
-                current = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-            except FileNotFoundError:
-                raise VersionConflict(f"{path}: gone") from None
-            if current != version:
-                raise VersionConflict(f"{path}: changed")
-            _local_write(path, lambda tmp: Path(tmp).write_bytes(data))
-        return hashlib.sha256(data).hexdigest()
+        return _local_replace(path, data, version)
     if _scheme(storage) == "s3":
         return _s3_replace(storage, path, data, version)
     return _gcs_replace(storage, path, data, version)
@@ -99,11 +93,47 @@ def _scheme(storage: Storage) -> str:
     return storage.uri.split("://", 1)[0]
 
 
+def _local_replace(path: str, data: bytes, version: str) -> str:
+    # the new bytes go to disk before the lock is taken: the locked part is a read and a rename, so a
+    # process paused (or killed) inside it holds the lock for microseconds' worth of its work
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        with _locked(path):
+            try:
+                current = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            except FileNotFoundError:
+                raise VersionConflict(f"{path}: gone") from None
+            if current != version:
+                raise VersionConflict(f"{path}: changed")
+            os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    return hashlib.sha256(data).hexdigest()
+
+
+LOCK_WAIT_S = 10.0
+
+
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
+    """An exclusive flock on `<path>.lock`; VersionConflict when another process holds it for LOCK_WAIT_S
+    (stopped inside its compare-and-swap: what it was about to write is unknown, so nothing is replaced)."""
     fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise VersionConflict(f"{path}: locked by another process for {LOCK_WAIT_S:.0f} s") from None
+                time.sleep(0.01)
         yield
     finally:
         os.close(fd)  # closing releases the lock

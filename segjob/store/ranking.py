@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from segjob.errors import UserError
+from segjob.job.schema import ema_recorded, ranked_metric_name, raw_metric
 from segjob.job.sweep import TRIALS_DIR
 from segjob.store import checkpoint
 from segjob.store.run_folder import flatten
@@ -51,15 +52,19 @@ def find_runs(storage: Storage, path: str) -> list[tuple[str, str]]:
             if storage.list_dirs(checkpoint.checkpoints_path(f"{parent}/{child}"))]
 
 
-def rank(storage: Storage, path: str, metric: str | None = None, mode: str | None = None) -> Ranking:
-    """Every committed checkpoint under `path` carrying the metric, best first (a newer one wins a tie)."""
+def rank(storage: Storage, path: str, metric: str | None = None, mode: str | None = None,
+         raw_weights: bool = False) -> Ranking:
+    """Every committed checkpoint under `path` carrying the metric, best first (a newer one wins a tie).
+    The default metric is the one the runs' jobs rank by (with train.ema on, the EMA weights' val_ema/...);
+    raw_weights: the trained weights' figure (val/...) instead, of the default metric or the one given."""
     committed = {name: checkpoint.list_committed(storage, run_path) for name, run_path in find_runs(storage, path)}
     committed = {name: infos for name, infos in committed.items() if infos}
     if not committed:
         raise UserError(f"{storage.display(path)}: no committed checkpoints found (a run, a sweep or a folder of runs; "
                         f"damaged ones are skipped with a warning)")
     jobs = {name: infos[-1].meta.get("job") or {} for name, infos in committed.items()}
-    metric, mode = metric or _job_metric(jobs, "name", path, storage), mode or _job_metric(jobs, "mode", path, storage)
+    metric = metric or _job_metric(jobs, "name", path, storage, raw_weights)
+    metric, mode = raw_metric(metric) if raw_weights else metric, mode or _job_metric(jobs, "mode", path, storage)
     params = differing_params(jobs)
     candidates = [
         Candidate(name, info, value, params[name])
@@ -84,12 +89,15 @@ def differing_params(jobs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     return {name: {key: values.get(key) for key in varying} for name, values in flat.items()}
 
 
-def _job_metric(jobs: dict[str, dict[str, Any]], field: str, path: str, storage: Storage) -> str:
+def _job_metric(jobs: dict[str, dict[str, Any]], field: str, path: str, storage: Storage,
+                raw_weights: bool = False) -> str:
     found = set()
     for job in jobs.values():  # jobs come from meta.json in storage: anything but a plain name is no name
         metric = job.get("metric")
         value = metric.get(field) if isinstance(metric, dict) else None
-        if isinstance(value, str) and (field == "name" or value in ("max", "min")):
+        if isinstance(value, str) and field == "name":
+            found.add(ranked_metric_name(value, ema_recorded(job) and not raw_weights))
+        elif isinstance(value, str) and value in ("max", "min"):
             found.add(value)
     if len(found) != 1:
         flag = "--metric" if field == "name" else "--mode"
