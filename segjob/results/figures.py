@@ -1,6 +1,7 @@
 """Pictures of masks and metrics: PNGs drawn with matplotlib's Agg canvas, and colour masks.
 
     save(sample_grid(rows, class_names, palette, "dice: pet"), out / "samples_dice_pet.png")
+    save(sample_tiles(rows, class_names, palette, "16 lowest-loss images"), out / "lowest_loss.png")
     save(iou_bar_chart(class_names, iou), out / "iou_per_class.png")
     Image.fromarray(overlay(rgb, mask, palette)).save(out / "cat.overlay.png")
 
@@ -129,6 +130,39 @@ def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: 
             axis.set_yticks([])
     for axis, name in zip(axes[0], ("image", "ground truth", "prediction")):
         axis.set_title(name, fontsize="medium")
+    figure.suptitle(title)
+    _legend(figure, class_names, palette)
+    return figure
+
+
+def sample_tiles(samples: Sequence[SampleRow], class_names: Sequence[str], palette: Sequence[tuple[int, int, int]],
+                 title: str, columns: int = 8) -> Figure:
+    """Many samples side by side: a column each (image, ground truth, prediction, its label on top),
+    `columns` to a band. A figure's size depends only on the number of samples, so grids of the same
+    samples (a preview per epoch) are frames of one animation."""
+    columns = max(1, min(columns, len(samples)))
+    bands = math.ceil(len(samples) / columns)
+    legend_rows = math.ceil(len(class_names) / 6)
+    tile = 1.5  # inches per panel
+    left, right, top, bottom, label = 0.9, 0.1, 0.4, 0.15 + 0.25 * legend_rows, 0.4
+    width = left + right + tile * columns
+    height = top + bottom + bands * (3 * tile + label)
+    figure = new_figure(width, height, constrained=False)
+    for number, sample in enumerate(samples):
+        band, column = divmod(number, columns)
+        for panel, (picture, row_name) in enumerate(((sample.image, "image"),
+                                                     (colorize(sample.target, palette), "ground truth"),
+                                                     (colorize(sample.prediction, palette), "prediction"))):
+            x = left + column * tile
+            y = height - top - band * (3 * tile + label) - label - (panel + 1) * tile
+            axis = figure.add_axes((x / width, y / height, 0.97 * tile / width, 0.97 * tile / height))
+            axis.imshow(picture, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if panel == 0:
+                axis.set_title(sample.label, fontsize="x-small")
+            if column == 0:
+                axis.set_ylabel(row_name, fontsize="small")
     figure.suptitle(title)
     _legend(figure, class_names, palette)
     return figure

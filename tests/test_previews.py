@@ -1,0 +1,73 @@
+"""train.preview_every_epochs: prediction grids on fixed validation images in the run's storage, written by
+the engine (one plain process, no Ray) at the due epochs, and `segjob.report`'s GIF of them."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from PIL import Image
+from test_engine import tiny_job
+from trained_runs import SegjobLog
+
+from segjob.engine import loop
+from segjob.engine.session import LocalSession
+from segjob.report import main as report_main
+from segjob.store.storage import Storage
+
+
+def test_previews_are_written_at_the_due_epochs_and_animated_by_report(tmp_path):
+    job = tiny_job(str(tmp_path / "runs"), epochs=5, preview_every_epochs=2, preview_images=3,
+                   checkpoint_every_steps=0)
+    loop.run(job, LocalSession("cpu"))
+    folder = tmp_path / "runs" / "tiny" / "previews"
+    # every 2nd epoch, and the last one
+    assert sorted(path.name for path in folder.iterdir()) == ["epoch-002.png", "epoch-004.png", "epoch-005.png"]
+    sizes = set()
+    for path in folder.iterdir():
+        with Image.open(path) as picture:
+            sizes.add(picture.size)
+            assert picture.format == "PNG" and np.asarray(picture.convert("L")).std() > 10  # a picture, not blank
+    assert len(sizes) == 1  # the same images every time: frames of one animation
+
+    out = tmp_path / "report"
+    assert report_main([str(tmp_path / "runs" / "tiny"), "--out", str(out)]) == 0
+    with Image.open(out / "previews.gif") as gif:
+        assert gif.format == "GIF" and gif.n_frames == 3 and gif.size == sizes.pop()
+        assert gif.info["loop"] == 0
+    assert (out / "report.html").read_text().count('src="data:image/gif;base64,') == 1
+
+
+def test_no_previews_by_default_and_no_gif(tmp_path):
+    loop.run(tiny_job(str(tmp_path / "runs"), epochs=1), LocalSession("cpu"))
+    assert not (tmp_path / "runs" / "tiny" / "previews").exists()
+    assert report_main([str(tmp_path / "runs" / "tiny"), "--out", str(tmp_path / "report")]) == 0
+    assert not (tmp_path / "report" / "previews.gif").exists()
+
+
+class NoPreviewUploads(Storage):
+    """The run's storage, except that every preview upload fails."""
+
+    def write_bytes(self, path, data, create_only=False):
+        if "/previews/" in path:
+            raise ConnectionError("the store refused the preview")
+        return super().write_bytes(path, data, create_only)
+
+
+def test_a_failed_preview_upload_never_fails_training(tmp_path, monkeypatch):
+    from segjob.store import storage as storage_module
+
+    original = storage_module.open_storage
+
+    def open_failing(uri, endpoint_url=None):
+        opened = original(uri, endpoint_url)
+        return NoPreviewUploads(opened.uri, opened.fs, opened.root, opened.is_local, opened.endpoint_url)
+
+    monkeypatch.setattr(loop, "open_storage", open_failing)
+    job = tiny_job(str(tmp_path / "runs"), epochs=2, preview_every_epochs=1, checkpoint_every_steps=0)
+    with SegjobLog(logging.WARNING) as log:
+        metrics = loop.run(job, LocalSession("cpu"))
+    assert metrics["epoch"] == 2
+    assert log.text.count("could not store the preview") == 1  # said once, not every epoch
+    assert "ConnectionError: the store refused the preview" in log.text
+    assert not (tmp_path / "runs" / "tiny" / "previews").exists()
