@@ -71,3 +71,13 @@ def test_a_failed_preview_upload_never_fails_training(tmp_path, monkeypatch):
     assert log.text.count("could not store the preview") == 1  # said once, not every epoch
     assert "ConnectionError: the store refused the preview" in log.text
     assert not (tmp_path / "runs" / "tiny" / "previews").exists()
+
+
+def test_previews_may_be_turned_on_or_off_when_a_run_is_resubmitted(tmp_path):
+    from segjob.store.run_folder import changed_keys
+
+    before = tiny_job(str(tmp_path)).model_dump(mode="json")
+    del before["train"]["preview_every_epochs"], before["train"]["preview_images"]  # recorded before they existed
+    after = tiny_job(str(tmp_path), preview_every_epochs=2, preview_images=4).model_dump(mode="json")
+    assert changed_keys(before, after) == []
+    assert changed_keys(before, tiny_job(str(tmp_path), batch_size=4).model_dump(mode="json")) == ["train.batch_size"]
