@@ -3,6 +3,8 @@ the engine (one plain process, no Ray) at the due epochs, and `segjob.report`'s 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 
 import numpy as np
@@ -10,10 +12,15 @@ from PIL import Image
 from test_engine import tiny_job
 from trained_runs import SegjobLog
 
+from segjob.data import build_datasets
 from segjob.engine import loop
+from segjob.engine.previews import Previews
 from segjob.engine.session import LocalSession
+from segjob.job.schema import JobConfig
+from segjob.models import create_model
 from segjob.report import main as report_main
-from segjob.store.storage import Storage
+from segjob.results import figures
+from segjob.store.storage import Storage, open_storage
 
 
 def test_previews_are_written_at_the_due_epochs_and_animated_by_report(tmp_path):
@@ -81,3 +88,23 @@ def test_previews_may_be_turned_on_or_off_when_a_run_is_resubmitted(tmp_path):
     after = tiny_job(str(tmp_path), preview_every_epochs=2, preview_images=4).model_dump(mode="json")
     assert changed_keys(before, after) == []
     assert changed_keys(before, tiny_job(str(tmp_path), batch_size=4).model_dump(mode="json")) == ["train.batch_size"]
+
+
+def test_a_one_channel_model_s_preview_shows_its_probability_map(tmp_path):
+
+    raw = tiny_job(str(tmp_path), data={"num_classes": 2}, preview_every_epochs=1, preview_images=3).model_dump()
+    job = JobConfig.model_validate(raw | {"loss": {"name": "bce", "threshold": 0.3}})
+    _, val_set = build_datasets(job.data, job.seed)
+    previews = Previews(job, open_storage(str(tmp_path)), str(tmp_path / "tiny"), val_set, LocalSession("cpu").device)
+    try:
+        rows = previews.predict(create_model(job.model, 3, 1), precision=contextlib.nullcontext)
+    finally:
+        previews.close()
+    assert len(rows) == 3
+    for row in rows:
+        assert row.probability.shape == row.prediction.shape == row.target.shape == row.image.shape[:2]
+        assert np.array_equal(row.prediction, (row.probability > 0.3).astype(row.prediction.dtype))
+    figure = figures.sample_tiles(rows, ["background", "disc"], [(0, 0, 0), (200, 0, 0)], "t")
+    assert len(figure.axes) == 3 * 4  # image, ground truth, prediction, probability per sample
+    assert len(figures.sample_tiles([dataclasses.replace(r, probability=None) for r in rows], ["b", "d"],
+                                    [(0, 0, 0), (200, 0, 0)], "t").axes) == 3 * 3

@@ -7,7 +7,8 @@
 Every `train.preview_every_epochs` epochs (and after the last), the first `train.preview_images`
 validation images, loaded once so that every frame shows the same ones, are predicted with the
 current weights at the model's input grid (the job's scale; sliding windows in crop mode) and drawn
-as one grid into <run>/previews/epoch-NNN.png. `segjob.report` turns those into an animated GIF.
+as one grid into <run>/previews/epoch-NNN.png; a one-channel model's probability map (the leaf
+recipe's lesion map) gets a row of its own. `segjob.report` turns those into an animated GIF.
 
 Only the forward passes run in the loop's thread (a few images, in eval mode, no gradient); drawing
 and uploading run in a daemon thread, one preview after another, so a slow store never holds a step
@@ -28,10 +29,11 @@ import torch
 
 from segjob.data.scoring import ScoringView
 from segjob.data.transforms import padding_fill
-from segjob.engine.evaluation import Scorer
-from segjob.engine.inference import protocol_of
+from segjob.engine.evaluation import labels_of, on_input_grid
+from segjob.engine.inference import Predictor, protocol_of
 from segjob.job.schema import JobConfig
 from segjob.learning.losses import binary_threshold
+from segjob.learning.metrics import predict_labels
 from segjob.results import figures
 from segjob.store.storage import Storage
 
@@ -87,17 +89,21 @@ class Previews:
                 precision: Callable[[], contextlib.AbstractContextManager]) -> list[figures.SampleRow]:
         """The samples' rows on the model's input grid, from the weights as they are now."""
         # the input grid: a picture at the job's scale, however large the label files are
-        scorer = Scorer(model, None, self.threshold, self.device, precision, protocol_of(self.job, grid="input"),
-                        self.fill)
+        predictor = Predictor(model, protocol_of(self.job, grid="input"), self.fill, self.device, precision)
+        images = [image for _, image, _ in self.samples]
         was_training = model.training
         model.eval()
         try:
-            scored = scorer.score([image for _, image, _ in self.samples], [target for _, _, target in self.samples])
+            all_logits = predictor(images, [tuple(image.shape[-2:]) for image in images])
         finally:
             model.train(was_training)
-        return [figures.SampleRow(name, figures.display_image(image[:3]), labels[0].cpu().numpy(),
-                                  predicted[0].cpu().numpy())
-                for name, (_, image, _), (labels, predicted) in zip(self.names, self.samples, scored)]
+        rows = []
+        for name, (_, image, target), logits in zip(self.names, self.samples, all_logits):
+            labels = labels_of(on_input_grid(target, tuple(image.shape[-2:]))[None])[0]
+            probability = torch.sigmoid(logits[0]).cpu().numpy() if logits.shape[0] == 1 else None
+            rows.append(figures.SampleRow(name, figures.display_image(image[:3]), labels.numpy(),
+                                          predict_labels(logits[None], self.threshold)[0].cpu().numpy(), probability))
+        return rows
 
     def title(self, epochs_done: int, metrics: dict[str, Any]) -> str:
         shown = [f"{key} {metrics[key]:.3f}" for key in ("val/miou", "val/loss") if isinstance(metrics.get(key), float)]

@@ -105,6 +105,7 @@ class SampleRow:
     image: np.ndarray  # uint8 RGB [H, W, 3]
     target: np.ndarray  # label map [H, W]
     prediction: np.ndarray  # label map [H, W]
+    probability: np.ndarray | None = None  # one-channel models: the foreground probability [H, W], 0..1
 
 
 def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: Sequence[tuple[int, int, int]],
@@ -137,26 +138,31 @@ def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: 
 
 def sample_tiles(samples: Sequence[SampleRow], class_names: Sequence[str], palette: Sequence[tuple[int, int, int]],
                  title: str, columns: int = 8) -> Figure:
-    """Many samples side by side: a column each (image, ground truth, prediction, its label on top),
-    `columns` to a band. A figure's size depends only on the number of samples, so grids of the same
-    samples (a preview per epoch) are frames of one animation."""
+    """Many samples side by side: a column each (image, ground truth, prediction, its label on top; and the
+    probability map, black 0 to white 1, when the samples carry one), `columns` to a band. A figure's size
+    depends only on the number of samples, so grids of the same samples (a preview per epoch) are frames
+    of one animation."""
     columns = max(1, min(columns, len(samples)))
+    panels = 4 if any(sample.probability is not None for sample in samples) else 3
     bands = math.ceil(len(samples) / columns)
     legend_rows = math.ceil(len(class_names) / 6)
     tile = 1.5  # inches per panel
     left, right, top, bottom, label = 0.9, 0.1, 0.4, 0.15 + 0.25 * legend_rows, 0.4
     width = left + right + tile * columns
-    height = top + bottom + bands * (3 * tile + label)
+    height = top + bottom + bands * (panels * tile + label)
     figure = new_figure(width, height, constrained=False)
     for number, sample in enumerate(samples):
         band, column = divmod(number, columns)
-        for panel, (picture, row_name) in enumerate(((sample.image, "image"),
-                                                     (colorize(sample.target, palette), "ground truth"),
-                                                     (colorize(sample.prediction, palette), "prediction"))):
+        shown = [(sample.image, "image"), (colorize(sample.target, palette), "ground truth"),
+                 (colorize(sample.prediction, palette), "prediction")]
+        if panels == 4:
+            shown.append((probability_image(sample.probability) if sample.probability is not None
+                           else np.zeros_like(sample.target, dtype=np.uint8), "probability"))
+        for panel, (picture, row_name) in enumerate(shown):
             x = left + column * tile
-            y = height - top - band * (3 * tile + label) - label - (panel + 1) * tile
+            y = height - top - band * (panels * tile + label) - label - (panel + 1) * tile
             axis = figure.add_axes((x / width, y / height, 0.97 * tile / width, 0.97 * tile / height))
-            axis.imshow(picture, interpolation="nearest")
+            axis.imshow(picture, interpolation="nearest", cmap="gray", vmin=0, vmax=255)
             axis.set_xticks([])
             axis.set_yticks([])
             if panel == 0:
