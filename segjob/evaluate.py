@@ -13,10 +13,12 @@ used. Every sample of the split is scored exactly once (the count is checked). W
     metrics.json     figures from the summed confusion matrix (mIoU, pixel and mean class
                      accuracy, Dice, per class IoU/Dice), the job's loss, mean ASSD per class
                      over the images, the confusion matrix; nan is written as null
-    per_image.csv    a row per sample: pixel accuracy, mIoU, mean Dice, mean ASSD; IoU, Dice, ASSD per class
+    per_image.csv    a row per sample: the job's loss, pixel accuracy, mIoU, mean Dice, mean ASSD;
+                     IoU, Dice, ASSD per class
     figures/         best / median / worst samples for each metric (per class for Dice, IoU and
-                     ASSD, as in the Pets U-Net study), IoU per class, the confusion matrix,
-                     box plots of per-image Dice and ASSD per class
+                     ASSD, as in the Pets U-Net study), the 16 lowest- and 16 highest-loss images
+                     (lowest_loss.png, highest_loss.png, as in the PSPNet write-up; --loss-images),
+                     IoU per class, the confusion matrix, box plots of per-image Dice and ASSD per class
 
 Pixels are counted on each label file's own grid by default (the job's eval.grid, as published
 figures are counted): the model runs at the job's scale (data.image_size; sliding windows of
@@ -38,7 +40,7 @@ from pathlib import Path
 from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.results.arguments import add_checkpoint_arguments, check_output_folder, trained_from_arguments
 from segjob.results.evaluation import evaluate
-from segjob.results.evaluation_outputs import write_outputs
+from segjob.results.evaluation_outputs import LOSS_IMAGES, write_outputs
 from segjob.results.protocol_arguments import add_protocol_arguments, check_protocol_arguments, protocol_from_arguments
 
 log = logging.getLogger("segjob")
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=None,
                         help="one-channel models: foreground above this probability")
     add_protocol_arguments(parser, grid=True)
+    parser.add_argument("--loss-images", type=int, default=LOSS_IMAGES, metavar="N",
+                        help=f"figures of the N lowest- and N highest-loss images (default {LOSS_IMAGES}; 0: none)")
     parser.add_argument("--no-assd", dest="assd", action="store_false", help="skip ASSD")
     parser.add_argument("--no-figures", dest="figures", action="store_false",
                         help="only metrics.json and per_image.csv")
@@ -67,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("limit", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.loss_images < 0:
+        parser.error("--loss-images must be 0 (no loss figures) or more")
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be 0 (load in this process) or more")
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = trained.job.data.loader_workers if args.workers is None else args.workers
     result = evaluate(trained, args.split, args.batch_size or trained.job.train.batch_size, workers, args.limit,
                       args.assd, args.threshold, args.progress, protocol_from_arguments(trained.job, args))
-    written = write_outputs(result, out, args.figures)
+    written = write_outputs(result, out, args.figures, args.loss_images)
     summary = result.summary()
     keys = [f"{args.split}/{name}" for name in ("miou", "pixel_acc", "dice", "assd", "loss")]
     shown = "  ".join(f"{key} {summary[key]:.4f}" for key in keys if key in summary)

@@ -12,6 +12,8 @@ its meta.json (a damaged one is skipped for the one before). Written into --out:
     miou.png      validation mIoU and IoU per class
     lr.png        the learning rate at each epoch's end
     scores.png    pixel accuracy, mean class accuracy and Dice, when recorded
+    previews.gif  the run's per-epoch predictions on fixed validation images, one frame per
+                  <run>/previews/epoch-NNN.png (runs trained with train.preview_every_epochs)
     report.html   one page embedding the figures, with the last epoch's figures in a table
 """
 
@@ -28,7 +30,8 @@ from typing import Any
 from segjob.errors import ArgumentParser, exits_cleanly_on_user_error, setup_logging
 from segjob.results import figures
 from segjob.results.arguments import check_output_folder
-from segjob.results.trained import run_history
+from segjob.results.preview_gif import write_preview_gif
+from segjob.results.trained import locate, run_history
 
 log = logging.getLogger("segjob")
 
@@ -97,7 +100,8 @@ def learning_curves(history: list[dict[str, Any]], out: Path, title: str) -> dic
 def html_page(title: str, source: str, pictures: dict[str, Path], last: dict[str, Any] | None) -> str:
     def embedded(path: Path) -> str:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}"></figure>'
+        kind = "gif" if path.suffix == ".gif" else "png"
+        return f'<figure><img alt="{html.escape(path.stem)}" src="data:image/{kind};base64,{data}"></figure>'
 
     rows = ""
     if last:
@@ -127,6 +131,11 @@ def write_report(uri: str, out: Path, endpoint_url: str | None = None) -> dict[s
     title = source.rstrip("/").split("/checkpoints/")[0].rsplit("/", 1)[-1]
     out.mkdir(parents=True, exist_ok=True)
     pictures = learning_curves(history, out, title)
+    storage, path = locate(uri, endpoint_url)
+    run_path = path.rstrip("/").split("/checkpoints/")[0]  # a checkpoint folder of a run: its run's previews
+    gif = write_preview_gif(storage, run_path, out / "previews.gif")
+    if gif:
+        pictures["previews"] = gif
     epochs = epoch_records(history)
     page = out / "report.html"
     page.write_text(html_page(title, source, pictures, epochs[-1] if epochs else None))

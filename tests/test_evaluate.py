@@ -19,7 +19,7 @@ from segjob.errors import UserError
 from segjob.evaluate import main
 from segjob.learning.metrics import per_image_confusion
 from segjob.results.evaluation import evaluate
-from segjob.results.evaluation_outputs import best_median_worst
+from segjob.results.evaluation_outputs import best_median_worst, lowest_and_highest
 from segjob.results.trained import load_trained
 from segjob.store import checkpoint
 from segjob.store.storage import open_storage
@@ -60,7 +60,10 @@ def test_the_command_writes_metrics_per_image_scores_and_figures(run, tmp_path, 
         rows = list(csv.DictReader(file))
     assert [row["index"] for row in rows] == [str(i) for i in range(9)]
     assert rows[0]["name"] == "synthetic-val-00000"
-    assert {"pixel_acc", "miou", "mean_dice", "mean_assd", "iou/square", "dice/disc", "assd/background"} <= set(rows[0])
+    assert {"loss", "pixel_acc", "miou", "mean_dice", "mean_assd", "iou/square", "dice/disc",
+            "assd/background"} <= set(rows[0])
+    # every image has 32 x 32 labelled pixels: the dataset's loss is the mean of the images' losses
+    assert np.mean([float(row["loss"]) for row in rows]) == pytest.approx(metrics["metrics"]["val/loss"], rel=1e-5)
     pixel_acc = np.mean([float(row["pixel_acc"]) for row in rows])  # every image has 32 x 32 labelled pixels
     assert pixel_acc == pytest.approx(metrics["metrics"]["val/pixel_acc"], rel=1e-5)
 
@@ -68,7 +71,7 @@ def test_the_command_writes_metrics_per_image_scores_and_figures(run, tmp_path, 
     names = {path.name for path in pictures}
     assert {"iou_per_class.png", "confusion_matrix.png", "dice_per_image.png", "assd_per_image.png",
             "samples_miou.png", "samples_pixel_acc.png", "samples_dice_background.png",
-            "samples_assd_background.png"} <= names
+            "samples_assd_background.png", "lowest_loss.png", "highest_loss.png"} <= names
     for path in pictures:
         assert_figure(path)
     assert "val/miou" in capsys.readouterr().err
@@ -189,6 +192,39 @@ def test_a_binary_model_thresholds_its_probability_map(tmp_path_factory, tmp_pat
     assert main([str(binary.checkpoint_dir), "--out", str(out), "--threshold", "0.4", "--no-assd", "--workers", "0",
                  "--no-figures"]) == 0
     assert strict_json(out / "metrics.json")["threshold"] == 0.4
+
+
+def test_each_image_s_loss_is_the_job_s_loss_on_that_image_alone(run):
+    trained = load_trained(str(run.checkpoint_dir), device="cpu")
+    result = evaluate(trained, batch_size=4, with_assd=False, progress=False)
+    _, val_set = trained.datasets
+    with torch.no_grad():
+        expected = [float(torch.nn.functional.cross_entropy(trained.model(val_set[i][0][None]), val_set[i][1][None]))
+                    for i in range(len(val_set))]
+    assert result.scores.indices.tolist() == list(range(9))
+    np.testing.assert_allclose(result.image_losses, expected, rtol=1e-5)
+    assert result.loss == pytest.approx(float(np.mean(expected)), rel=1e-5)  # equal pixel counts: the plain mean
+
+
+def test_the_lowest_and_highest_loss_figures_show_as_many_images_as_asked(run, tmp_path):
+    out = tmp_path / "three"
+    assert main([str(run.checkpoint_dir), "--out", str(out), "--workers", "0", "--no-assd", "--loss-images", "3",
+                 "--no-progress"]) == 0
+    for name in ("lowest_loss.png", "highest_loss.png"):
+        assert_figure(out / "figures" / name)
+    none = tmp_path / "none"
+    assert main([str(run.checkpoint_dir), "--out", str(none), "--workers", "0", "--no-assd", "--loss-images", "0",
+                 "--no-progress"]) == 0
+    assert not list((none / "figures").glob("*_loss.png"))
+    assert (none / "figures" / "samples_miou.png").is_file()
+
+
+def test_lowest_and_highest():
+    losses = np.array([0.5, np.nan, 0.9, 0.1, 0.7, 0.1])
+    assert lowest_and_highest(losses, 2) == ([3, 5], [2, 4])  # lowest first, highest first; ties in row order
+    assert lowest_and_highest(losses, 9) == ([3, 5, 0, 4, 2], [2, 4, 0, 3, 5])  # nan (no labelled pixel) left out
+    assert lowest_and_highest(losses, 0) == ([], [])
+    assert lowest_and_highest(np.array([np.nan]), 16) == ([], [])
 
 
 def test_best_median_and_worst():

@@ -65,6 +65,8 @@ class Scorer:
         self.predictor = Predictor(model, self.protocol, torch.zeros(1) if fill is None else fill, device, precision)
         # loss x labelled pixels, labelled pixels, samples: float64, so sums over a large split stay exact
         self.totals = torch.zeros(3, dtype=torch.float64, device=device)
+        # the last batch's loss per image (nan without a labelled pixel), on the device: no host sync per batch
+        self.image_losses: torch.Tensor | None = None
 
     @torch.no_grad()
     def score(self, images: list[torch.Tensor], targets: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -74,17 +76,20 @@ class Scorer:
         if self.protocol.grid == "input":
             targets = [on_input_grid(target, image.shape[-2:]) for image, target in zip(images, targets)]
         all_logits = self.predictor(images, [tuple(target.shape[-2:]) for target in targets])
-        scored = []
+        scored, losses = [], []
         for logits, target in zip(all_logits, targets):
             logits, target = logits[None], target[None]
             labels = labels_of(target)
             if self.loss_fn is not None:
                 labelled = (labels != IGNORE_INDEX).sum()
+                loss = self.loss_fn(logits, target).double()  # this image's mean over its labelled pixels
                 # an image without a labelled pixel adds nothing (its mean loss is 0/0)
-                self.totals[0] += torch.where(labelled > 0, self.loss_fn(logits, target).double() * labelled, 0.0)
+                self.totals[0] += torch.where(labelled > 0, loss * labelled, 0.0)
                 self.totals[1] += labelled
+                losses.append(torch.where(labelled > 0, loss, math.nan))
             scored.append((labels, predict_labels(logits, self.threshold)))
         self.totals[2] += len(images)
+        self.image_losses = torch.stack(losses) if losses else None
         return scored
 
     def all_reduce(self) -> None:

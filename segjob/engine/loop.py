@@ -39,6 +39,7 @@ from segjob.engine.evaluation import Scorer, summary
 from segjob.engine.inference import protocol_of
 from segjob.engine.preemption import sigterm, watcher
 from segjob.engine.preemption.plan import PreemptionPlan
+from segjob.engine.previews import Previews
 from segjob.engine.session import Session
 from segjob.engine.step_flags import StepFlags
 from segjob.engine.tracking import ProgressLine, Trackers
@@ -92,6 +93,7 @@ class Worker:
     mixer: BatchMixer | None = None  # Mixup/CutMix, when the job asks for them
     trackers: Trackers | None = None  # rank 0's TensorBoard files and MLflow run
     ema: WeightAverage | None = None  # the moving average of the weights, when train.ema asks for it
+    previews: Previews | None = None  # rank 0's prediction grids on fixed validation images
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +118,8 @@ def run(job: JobConfig, session: Session, fence: Fence | None = None) -> dict[st
             worker.committer.close()
             if worker.trackers:
                 worker.trackers.close(finished=worker.progress.epoch >= job.train.epochs)
+            if worker.previews:
+                worker.previews.close()
             if worker.watcher:
                 worker.watcher.stop()
         if worker.is_chief and worker.progress.epoch >= job.train.epochs:
@@ -164,6 +168,7 @@ def setup(job: JobConfig, session: Session, fence: Fence | None = None) -> Worke
     worker.watcher.start()
     if worker.is_chief:
         worker.trackers = Trackers.open(job, storage, run_path, resumed_step=worker.progress.step)
+        worker.previews = Previews.open(job, storage, run_path, val_set, session.device)
     # build, load the state, convert BatchNorm, then wrap for DDP: every rank starts from the same weights
     worker.model = worker.train_model = sync_batchnorm(model, job.train.sync_batchnorm, session.device,
                                                        session.world_size, announce=worker.is_chief)
@@ -375,6 +380,9 @@ def train_one_epoch(worker: Worker, epoch: int) -> dict[str, Any]:
             worker.ema.broadcast_buffers()  # every rank scores (and rank 0 checkpoints) rank 0's average
             metrics.update(evaluate(worker, worker.ema.model, EMA_PREFIX))
         worker.schedule.after_eval(metrics)
+    if worker.previews:
+        shown = worker.ema.model if worker.ema else worker.model  # the weights pull and predict use
+        worker.previews.after_epoch(shown, epoch + 1, metrics, precision=lambda: autocast(worker))
     worker.schedule.after_epoch()
     metrics["train/images_per_s"] = images_seen / max(train_seconds, 1e-9)
     progress.epoch, progress.position = epoch + 1, 0

@@ -706,6 +706,13 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, ge=1, description="how often train/loss enters the history")
     amp: Literal["off", "bf16", "fp16"] = Field("off", description="fp16 needs a GPU; bf16 works on CPU too")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cut every epoch short (smoke runs)")
+    preview_every_epochs: int = Field(
+        0, ge=0, description="0: off; N: every N epochs rank 0 writes a prediction grid on fixed validation images "
+        "to <run>/previews/epoch-NNN.png (segjob.report makes an animated GIF of them)",
+    )
+    preview_images: int = Field(
+        8, ge=1, le=32, description="how many validation images a preview shows: the split's first ones",
+    )
     sync_batchnorm: Literal["auto"] | bool = Field(
         "auto", description="SyncBatchNorm across DDP ranks; auto: on for GPU workers when there are several (torch's "
         "SyncBatchNorm refuses CPU tensors, so CPU runs keep plain BatchNorm)",

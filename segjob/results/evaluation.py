@@ -3,6 +3,7 @@
     result = evaluate(load_trained("./best"), split="val")
     result.summary()      # {"val/miou": ..., "val/loss": ..., "val/assd": ...}: training's names
     result.scores         # per-image confusion matrices (and ASSD), keyed by sample index
+    result.image_losses   # the job's loss per image, in the order of result.scores.indices
 
 Every sample of the split (or the first `limit`) is scored exactly once, with the engine's
 own evaluation core and, by default, the job's own protocol (eval.grid, data.crop), so the
@@ -16,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -39,6 +41,7 @@ class Evaluation:
     loss: float
     threshold: float
     protocol: Protocol  # how the pixels were counted (grid, whole image or sliding window, test-time views)
+    image_losses: np.ndarray  # float64 [N]: each image's loss, as `loss` counts it, in the order of scores.indices
 
     @property
     def confusion(self) -> ConfusionMatrix:
@@ -67,6 +70,7 @@ def evaluate(trained: Trained, split: str = "val", batch_size: int = 8, workers:
     scorer = Scorer(trained.model.eval(), loss_fn, threshold, trained.device, protocol=protocol,
                     fill=padding_fill(trained.job.data, trained.in_channels))
     scores = ImageScores(trained.num_classes, with_assd=with_assd)
+    losses: dict[int, float] = {}
     loader = DataLoader(ScoringView(dataset, trained.job.data, count), batch_size=batch_size, num_workers=workers,
                         shuffle=False, collate_fn=collate_scoring,
                         multiprocessing_context="forkserver" if workers else None)
@@ -74,6 +78,8 @@ def evaluate(trained: Trained, split: str = "val", batch_size: int = 8, workers:
                                          file=sys.stderr, dynamic_ncols=True):
         for index, (labels, predicted) in zip(indices.tolist(), scorer.score(images, targets)):
             scores.update([index], labels.cpu(), predicted.cpu())
+        losses.update(zip(indices.tolist(), scorer.image_losses.tolist()))
     scores.gather()
     scores.check_complete(count)
-    return Evaluation(trained, split, dataset, scores, scorer.loss, threshold, protocol)
+    image_losses = np.array([losses[int(index)] for index in scores.indices], dtype=np.float64)
+    return Evaluation(trained, split, dataset, scores, scorer.loss, threshold, protocol, image_losses)

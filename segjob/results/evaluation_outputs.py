@@ -4,7 +4,9 @@
 
 metrics.json is standard JSON (nan and inf become null). The figures show the best, median
 and worst samples for each metric (per class for Dice, IoU and ASSD, as in the Pets U-Net
-study), IoU per class, the confusion matrix, and box plots of per-image Dice and ASSD.
+study), the N lowest- and highest-loss images (the PSPNet write-up's figure; each image's loss
+is the job's loss on the grid the metrics were counted on), IoU per class, the confusion matrix,
+and box plots of per-image Dice and ASSD.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ PER_CLASS_SAMPLE_METRICS = ("dice", "iou", "assd")  # best / median / worst per 
 IMAGE_SAMPLE_METRICS = ("miou", "pixel_acc")  # best / median / worst over whole images
 LOWER_IS_BETTER = {"assd", "mean_assd"}
 SampleFigure = tuple[str, str, list[tuple[str, int]], np.ndarray]  # (file name, title, picks, values per image)
+LOSS_IMAGES = 16  # the PSPNet write-up shows 16 lowest-loss and 16 highest-loss images
 
 
 def json_safe(value: Any) -> Any:
@@ -79,7 +82,7 @@ def write_metrics(result: Evaluation, path: Path) -> dict[str, Any]:
 def write_per_image(result: Evaluation, path: Path) -> None:
     table = result.scores.scores()
     names = result.trained.class_names
-    columns = ["index", "name", "pixel_acc", "miou", "mean_dice"] + (["mean_assd"] if "assd" in table else [])
+    columns = ["index", "name", "loss", "pixel_acc", "miou", "mean_dice"] + (["mean_assd"] if "assd" in table else [])
     for metric in ("iou", "dice") + (("assd",) if "assd" in table else ()):
         columns += [f"{metric}/{name}" for name in names]
 
@@ -90,7 +93,7 @@ def write_per_image(result: Evaluation, path: Path) -> None:
         writer = csv.writer(file)
         writer.writerow(columns)
         for row, (index, name) in enumerate(zip(result.scores.indices, sample_names(result))):
-            values = [table["pixel_acc"][row], table["miou"][row], table["mean_dice"][row]]
+            values = [result.image_losses[row], table["pixel_acc"][row], table["miou"][row], table["mean_dice"][row]]
             if "assd" in table:
                 values.append(table["mean_assd"][row])
             for metric in ("iou", "dice") + (("assd",) if "assd" in table else ()):
@@ -112,6 +115,15 @@ def best_median_worst(values: np.ndarray, lower_is_better: bool) -> list[tuple[s
     median = int(ascending[(ascending.size - 1) // 2])
     best, worst = (first_low, last_high) if lower_is_better else (first_high, last_low)
     return [("best", int(best)), ("median", median), ("worst", int(worst))]
+
+
+def lowest_and_highest(values: np.ndarray, count: int) -> tuple[list[int], list[int]]:
+    """Rows of the `count` lowest values (lowest first) and of the `count` highest (highest first), nan
+    left out; ties keep row order. With fewer than 2 x count images the two lists share rows."""
+    defined = np.flatnonzero(~np.isnan(values))
+    ascending = defined[np.argsort(values[defined], kind="stable")].tolist()
+    descending = defined[np.argsort(-values[defined], kind="stable")].tolist()
+    return ascending[:count], descending[:count]
 
 
 @torch.inference_mode()
@@ -148,18 +160,28 @@ def sample_choices(table: dict[str, np.ndarray], names: list[str]) -> list[Sampl
     return choices
 
 
-def write_figures(result: Evaluation, folder: Path) -> list[Path]:
+def write_figures(result: Evaluation, folder: Path, loss_images: int = LOSS_IMAGES) -> list[Path]:
     trained = result.trained
     names, palette = trained.class_names, trained.palette
     table = result.scores.scores()
     row_names = sample_names(result)
     choices = sample_choices(table, names)
-    shown = predictions_for(result, sorted({row for _, _, picks, _ in choices for _, row in picks}))
+    lowest, highest = lowest_and_highest(result.image_losses, loss_images)
+    shown = predictions_for(result, sorted({row for _, _, picks, _ in choices for _, row in picks}
+                                           | set(lowest) | set(highest)))
     written = []
     for file_name, title, picks, values in choices:
         rows = [figures.SampleRow(f"{which}: {values[row]:.3g}\n{row_names[row]}", *shown[row])
                 for which, row in picks]
         written.append(figures.save(figures.sample_grid(rows, names, palette, title), folder / file_name))
+    scored = int((~np.isnan(result.image_losses)).sum())
+    for file_name, which, rows in (("lowest_loss.png", "lowest", lowest), ("highest_loss.png", "highest", highest)):
+        if rows:
+            tiles = [figures.SampleRow(f"{result.image_losses[row]:.3g}  {row_names[row]}", *shown[row])
+                     for row in rows]
+            title = (f"{len(rows)} {which}-loss {result.split} images of {scored} "
+                     f"({trained.job.loss.name} per image, {which} first)")
+            written.append(figures.save(figures.sample_tiles(tiles, names, palette, title), folder / file_name))
     stats = result.confusion.compute()
     iou_title = f"IoU per class ({result.split}, mIoU {stats['miou']:.3f})"
     written.append(figures.save(figures.iou_bar_chart(names, stats["iou"].tolist(), iou_title),
@@ -174,9 +196,11 @@ def write_figures(result: Evaluation, folder: Path) -> list[Path]:
     return written
 
 
-def write_outputs(result: Evaluation, out: Path, with_figures: bool = True) -> list[Path]:
+def write_outputs(result: Evaluation, out: Path, with_figures: bool = True,
+                  loss_images: int = LOSS_IMAGES) -> list[Path]:
+    """loss_images: how many lowest- and highest-loss images to show (0: neither figure)."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(result, out / "metrics.json")
     write_per_image(result, out / "per_image.csv")
     written = [out / "metrics.json", out / "per_image.csv"]
-    return written + (write_figures(result, out / "figures") if with_figures else [])
+    return written + (write_figures(result, out / "figures", loss_images) if with_figures else [])

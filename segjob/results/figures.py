@@ -1,6 +1,7 @@
 """Pictures of masks and metrics: PNGs drawn with matplotlib's Agg canvas, and colour masks.
 
     save(sample_grid(rows, class_names, palette, "dice: pet"), out / "samples_dice_pet.png")
+    save(sample_tiles(rows, class_names, palette, "16 lowest-loss images"), out / "lowest_loss.png")
     save(iou_bar_chart(class_names, iou), out / "iou_per_class.png")
     Image.fromarray(overlay(rgb, mask, palette)).save(out / "cat.overlay.png")
 
@@ -104,6 +105,7 @@ class SampleRow:
     image: np.ndarray  # uint8 RGB [H, W, 3]
     target: np.ndarray  # label map [H, W]
     prediction: np.ndarray  # label map [H, W]
+    probability: np.ndarray | None = None  # one-channel models: the foreground probability [H, W], 0..1
 
 
 def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: Sequence[tuple[int, int, int]],
@@ -129,6 +131,44 @@ def sample_grid(rows: Sequence[SampleRow], class_names: Sequence[str], palette: 
             axis.set_yticks([])
     for axis, name in zip(axes[0], ("image", "ground truth", "prediction")):
         axis.set_title(name, fontsize="medium")
+    figure.suptitle(title)
+    _legend(figure, class_names, palette)
+    return figure
+
+
+def sample_tiles(samples: Sequence[SampleRow], class_names: Sequence[str], palette: Sequence[tuple[int, int, int]],
+                 title: str, columns: int = 8) -> Figure:
+    """Many samples side by side: a column each (image, ground truth, prediction, its label on top; and the
+    probability map, black 0 to white 1, when the samples carry one), `columns` to a band. A figure's size
+    depends only on the number of samples, so grids of the same samples (a preview per epoch) are frames
+    of one animation."""
+    columns = max(1, min(columns, len(samples)))
+    panels = 4 if any(sample.probability is not None for sample in samples) else 3
+    bands = math.ceil(len(samples) / columns)
+    legend_rows = math.ceil(len(class_names) / 6)
+    tile = 1.5  # inches per panel
+    left, right, top, bottom, label = 0.9, 0.1, 0.4, 0.15 + 0.25 * legend_rows, 0.4
+    width = left + right + tile * columns
+    height = top + bottom + bands * (panels * tile + label)
+    figure = new_figure(width, height, constrained=False)
+    for number, sample in enumerate(samples):
+        band, column = divmod(number, columns)
+        shown = [(sample.image, "image"), (colorize(sample.target, palette), "ground truth"),
+                 (colorize(sample.prediction, palette), "prediction")]
+        if panels == 4:
+            shown.append((probability_image(sample.probability) if sample.probability is not None
+                           else np.zeros_like(sample.target, dtype=np.uint8), "probability"))
+        for panel, (picture, row_name) in enumerate(shown):
+            x = left + column * tile
+            y = height - top - band * (panels * tile + label) - label - (panel + 1) * tile
+            axis = figure.add_axes((x / width, y / height, 0.97 * tile / width, 0.97 * tile / height))
+            axis.imshow(picture, interpolation="nearest", cmap="gray", vmin=0, vmax=255)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if panel == 0:
+                axis.set_title(sample.label, fontsize="x-small")
+            if column == 0:
+                axis.set_ylabel(row_name, fontsize="small")
     figure.suptitle(title)
     _legend(figure, class_names, palette)
     return figure

@@ -29,6 +29,7 @@ DONE_FILE = "done.json"
 # Keys a resubmission may change: they move or scale the run, they don't change what it computes.
 MAY_CHANGE_ON_RESUME = (
     "train.epochs", "train.checkpoint_every_steps", "train.log_every_steps",
+    "train.preview_every_epochs", "train.preview_images",
     "scaling.", "storage.uri", "storage.endpoint_url", "storage.keep_best", "failure.", "preemption.",
     "data.loader_workers", "data.endpoint_url", "tracking.",
 )  # plus every file path of the data and model sections (moved data is the same data)
