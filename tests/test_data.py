@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import find_shared_data
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
@@ -211,16 +211,9 @@ def test_training_transform_needs_a_generator():
 # --- Oxford-IIIT Pet: the real files ------------------------------------------------------
 
 
-def shared_pets_root() -> Path | None:
-    candidates = [Path(__file__).resolve().parents[2] / "shared/data/oxford-iiit-pet"]
-    if os.environ.get("SEGJOB_SHARED_DATA"):
-        candidates.insert(0, Path(os.environ["SEGJOB_SHARED_DATA"]) / "oxford-iiit-pet")
-    return next((path for path in candidates if (path / "annotations").is_dir()), None)
-
-
 @pytest.fixture(scope="module")
 def real_pets() -> Path:
-    root = shared_pets_root()
+    root = find_shared_data("oxford-iiit-pet", "annotations")
     if root is None:
         pytest.skip("no Oxford-IIIT Pet sample at ../shared/data/oxford-iiit-pet (or $SEGJOB_SHARED_DATA)")
     return root

@@ -5,28 +5,15 @@ The Oxford-IIIT Pet files are covered in test_data.py.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 from PIL import Image
+from shared_data import shared_data
 
 from segjob.data import build_datasets
 from segjob.data.audit import check_data
 from segjob.data.labels import IGNORE_INDEX
 from segjob.job.schema import CamVidData, LeafData, VOCData
-
-
-def shared_data(folder: str) -> Path:
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / folder]
-    if os.environ.get("SEGJOB_SHARED_DATA"):
-        candidates.insert(0, Path(os.environ["SEGJOB_SHARED_DATA"]) / folder)
-    for path in candidates:
-        if path.is_dir():
-            return path
-    pytest.skip(f"no {folder} sample at ../shared/data/{folder} (or $SEGJOB_SHARED_DATA)")
 
 
 def names(dataset) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from test_data_real import shared_data
+from shared_data import shared_data
 
 from segjob.engine import loop
 from segjob.engine.session import LocalSession

@@ -18,12 +18,12 @@ the figures are far from published ones: this says the pipeline learns, not how 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from shared_data import shared_data
 from torch import nn
 
 from segjob.engine import loop
@@ -39,16 +39,6 @@ MIOU_MARGIN = 0.08
 # The baseline gets one class right; a model that learned separates at least two (seen: Pets background
 # 0.61+ and pet 0.37+; CamVid sky 0.62+, road 0.69+, building 0.47+).
 LEARNED_IOU = 0.2
-
-
-def shared_data(folder: str, marker: str) -> Path:
-    candidates = [Path(__file__).resolve().parents[2] / "shared" / "data" / folder]
-    if os.environ.get("SEGJOB_SHARED_DATA"):
-        candidates.insert(0, Path(os.environ["SEGJOB_SHARED_DATA"]) / folder)
-    for path in candidates:
-        if (path / marker).is_dir():
-            return path
-    pytest.skip(f"no {folder} sample at ../shared/data/{folder} (or $SEGJOB_SHARED_DATA)")
 
 
 class MajorityClass(nn.Module):
