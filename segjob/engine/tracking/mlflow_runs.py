@@ -15,6 +15,7 @@ from typing import Any
 
 from segjob.errors import UserError
 from segjob.job.schema import JobConfig
+from segjob.store.run_folder import flatten
 from segjob.store.storage import Storage
 
 log = logging.getLogger("segjob")
@@ -34,15 +35,6 @@ def check_mlflow(job: JobConfig) -> None:
     except ImportError:
         raise UserError("tracking.mlflow_uri is set but mlflow is not installed here; "
                         "pip install 'segjob[mlflow]' (the mlflow-skinny client), or remove the key") from None
-
-
-def flat_params(tree: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(tree, dict):
-        flat: dict[str, str] = {}
-        for key, value in tree.items():
-            flat.update(flat_params(value, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): str(tree)[:_PARAM_CHARS]}
 
 
 class MlflowTracker:
@@ -66,7 +58,8 @@ class MlflowTracker:
             run = self.client.create_run(experiment_id, run_name=job.name,
                                          tags={"segjob.run": storage.display(run_path)})
             self.run_id = run.info.run_id
-            params = [Param(key, value) for key, value in flat_params(job.model_dump(mode="json")).items()]
+            params = [Param(key, str(value)[:_PARAM_CHARS])
+                      for key, value in flatten(job.model_dump(mode="json")).items()]
             for start in range(0, len(params), _BATCH):
                 self.client.log_batch(self.run_id, params=params[start:start + _BATCH])
             storage.write_bytes(self.id_path, json.dumps({"tracking_uri": self.uri, "run_id": self.run_id}).encode())
