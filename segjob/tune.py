@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return dry_run(sweep, storage)
     sweep_path = storage.path(sweep.name)
     # The lease lives in trials/: a restored Tune copies the .json files at the top of its folder down
-    # and uploads them again while it runs, which would keep putting an old heartbeat back.
+    # and uploads them again while it runs, which would put an old version of the lease back (and so take it away).
     with Lease(storage, f"{sweep_path}/{TRIALS_DIR}") as lease:
         check_same_sweep(storage, sweep_path, sweep)
         started = time.perf_counter()
