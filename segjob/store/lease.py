@@ -138,10 +138,10 @@ class Lease:
 
     def acquire(self) -> None:
         held = read_versioned(self.storage, self.path)
-        if held is not None:
-            holder = Holder.parse(held.data, self.where)
-            if not holder.released and not self._gone(holder):
-                held = self._wait_until_stale(held, holder)
+        holder = Holder.parse(held.data, self.where) if held else None
+        if holder and not holder.released and not self._gone(holder):
+            held = self._wait_until_stale(held, holder)
+            holder = Holder.parse(held.data, self.where) if held else None  # what it was when the watch ended
         floor = highest_fenced_generation(self.storage, self.folder)
         if held is None:
             record = self._record(floor + 1)
@@ -150,7 +150,6 @@ class Lease:
             except FileExistsError:
                 raise self._raced() from None
         else:
-            holder = Holder.parse(held.data, self.where)
             if not holder.released:
                 log.info("taking over the run from a driver that is gone (%s pid %d, generation %d)",
                          holder.host, holder.pid, holder.generation)
